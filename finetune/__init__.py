@@ -1,0 +1,1 @@
+"""Sparse -> dense conversion, fine-tuning and evaluation of ConvNeXt V2."""

@@ -1,0 +1,156 @@
+"""Where the encoder's features live: one class per backend.
+
+The encoder's layers are written once (sparse/encoder.py). Everything that
+depends on how the visible sites are stored goes through a `Sites` object,
+made from the mask at the start of each forward pass:
+
+- `PatchSites` (backend "torch"): the visible sites of a batch as a regular
+  tensor (N, K, p, p, C): N images, K kept patches per image, p x p sites per
+  patch at the current stage, C channels. Pointwise layers run on it
+  directly, so they only compute visible work; the 2x2 downsample never
+  crosses a patch and is a reshape plus a matmul; only the 7x7 depthwise conv
+  looks across patch borders.
+- `MaskedDenseSites` (backend "dense-masked"): full dense maps (N, H, W, C)
+  with masked sites set to zero before and after every spatial op. Full dense
+  cost, numerically the same as sparse convolution: the oracle.
+
+Both keep features channels-last, so LayerNorm and Linear layers act on the
+last axis in either case.
+"""
+
+import torch
+import torch.nn.functional as F
+from timm.layers import drop_path as timm_drop_path
+
+PATCH_PIXELS = 32  # FCMAE masks 32x32-pixel patches: one site at stride 32.
+STEM_STRIDE = 4
+
+
+class Sites:
+    """The operations whose meaning depends on where visible sites are stored."""
+
+    #: True when the backend needs the same number of kept patches per image.
+    needs_equal_keep = False
+
+    def __init__(self, visible: torch.Tensor):
+        # visible: (N, Hp, Wp) bool, True where the 32x32 patch is kept.
+        self.visible = visible
+        self.batch_size, self.grid_h, self.grid_w = visible.shape
+
+    # -- spatial ops ---------------------------------------------------------
+    def stem(self, imgs: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+        raise NotImplementedError
+
+    def depthwise_conv(self, x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+        raise NotImplementedError
+
+    def downsample(self, x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) map of the features, exact zeros at masked sites."""
+        raise NotImplementedError
+
+    # -- per-image ops -------------------------------------------------------
+    def zero_masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Set features at masked sites to zero (a no-op where none are stored)."""
+        return x
+
+    def per_image_l2(self, x: torch.Tensor) -> torch.Tensor:
+        """L2 norm over the sites of each image, per channel, broadcastable to x.
+
+        Correct for any layout whose axes are (image, site axes..., channel)
+        and whose masked sites, if stored, are zero.
+        """
+        site_dims = tuple(range(1, x.dim() - 1))
+        return torch.linalg.vector_norm(x, ord=2, dim=site_dims, keepdim=True)
+
+    def drop_path(self, x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+        """Stochastic depth that drops whole images (the batch axis is first)."""
+        return timm_drop_path(x, drop_prob, training)
+
+
+class PatchSites(Sites):
+    """Visible sites as a regular (N, K, p, p, C) tensor of kept patches."""
+
+    needs_equal_keep = True
+
+    def __init__(self, visible: torch.Tensor):
+        super().__init__(visible)
+        n = self.batch_size
+        flat = visible.reshape(n, -1)
+        keep_counts = flat.sum(1)
+        self.num_kept = int(keep_counts[0]) if n else 0
+        # nonzero() returns kept patches in raster order for each image in turn.
+        kept = flat.nonzero()[:, 1].reshape(n, self.num_kept)
+        self.rows = kept // self.grid_w  # (N, K) patch row of each kept patch
+        self.cols = kept % self.grid_w  # (N, K) patch column
+        self.batch_index = torch.arange(n, device=visible.device).unsqueeze(1)  # (N, 1)
+
+    def _gather_patches(self, dense: torch.Tensor, p: int) -> torch.Tensor:
+        """(N, Hp*p, Wp*p, C) channels-last map -> (N, K, p, p, C) kept patches."""
+        n, _, _, c = dense.shape
+        blocks = dense.reshape(n, self.grid_h, p, self.grid_w, p, c)
+        # Advanced indices on axes 1 and 3 are split by a slice, so their
+        # (N, K) shape comes first: the result is (N, K, p, p, C).
+        return blocks[self.batch_index, self.rows, :, self.cols]
+
+    def _scatter_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, K, p, p, C) kept patches -> zero-filled (N, Hp*p, Wp*p, C) map."""
+        n, _, p, _, c = x.shape
+        blocks = x.new_zeros(n, self.grid_h, p, self.grid_w, p, c)
+        blocks[self.batch_index, self.rows, :, self.cols] = x
+        return blocks.reshape(n, self.grid_h * p, self.grid_w * p, c)
+
+    def stem(self, imgs, conv):
+        # The 4x4 stride-4 stem never crosses a 32x32 patch: run it as one
+        # matmul over the pixels of the kept patches only.
+        n, c_in = imgs.shape[:2]
+        s, p = STEM_STRIDE, PATCH_PIXELS // STEM_STRIDE
+        patches = self._gather_patches(imgs.permute(0, 2, 3, 1), PATCH_PIXELS)  # (N, K, 32, 32, 3)
+        patches = patches.reshape(n, self.num_kept, p, s, p, s, c_in)
+        patches = patches.permute(0, 1, 2, 4, 3, 5, 6).reshape(n, self.num_kept, p, p, s * s * c_in)
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (out, ky*kx*in)
+        return F.linear(patches, weight, conv.bias)
+
+    def depthwise_conv(self, x, conv):
+        dense = self._scatter_patches(x).permute(0, 3, 1, 2)  # channels-last memory, NCHW view
+        out = conv(dense).permute(0, 2, 3, 1)
+        return self._gather_patches(out, x.shape[2])
+
+    def downsample(self, x, conv):
+        n, k, p, _, c = x.shape
+        q = p // 2
+        x = x.reshape(n, k, q, 2, q, 2, c).permute(0, 1, 2, 4, 3, 5, 6).reshape(n, k, q, q, 4 * c)
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+        return F.linear(x, weight, conv.bias)
+
+    def to_dense(self, x):
+        return self._scatter_patches(x).permute(0, 3, 1, 2).contiguous()
+
+
+class MaskedDenseSites(Sites):
+    """Dense (N, H, W, C) maps; masked sites zeroed around every spatial op."""
+
+    def _visible_at(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 1) 0/1 multiplier at the resolution of channels-last x."""
+        p = x.shape[1] // self.grid_h
+        vis = self.visible.repeat_interleave(p, 1).repeat_interleave(p, 2)
+        return vis.unsqueeze(-1).to(x.dtype)
+
+    def zero_masked(self, x):
+        return x * self._visible_at(x)
+
+    def stem(self, imgs, conv):
+        return self.zero_masked(conv(imgs).permute(0, 2, 3, 1))
+
+    def depthwise_conv(self, x, conv):
+        x = self.zero_masked(x)
+        return self.zero_masked(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+    def downsample(self, x, conv):
+        x = self.zero_masked(x)
+        return self.zero_masked(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+    def to_dense(self, x):
+        return self.zero_masked(x).permute(0, 3, 1, 2).contiguous()
