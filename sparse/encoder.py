@@ -129,7 +129,7 @@ class SparseConvNeXtV2(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), nn.LayerNorm(dims[0], eps=1e-6)
         )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             in_dim = dims[i - 1] if i else dims[0]
