@@ -236,3 +236,19 @@ def test_unequal_kept_counts_work_with_the_dense_masked_backend(small_encoder):
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]])
     out = reference(torch.randn(2, 3, 64, 64), mask)
     assert torch.all(out.flatten(2)[mask.bool().unsqueeze(1).expand(-1, 32, -1)] == 0)
+
+
+def test_bfloat16_autocast_matches_fp32_loosely():
+    """AMP: forward and backward run under autocast; bf16 keeps ~3 significant digits."""
+    encoder = make_encoder("custom", 9)
+    imgs = make_images("custom", 2, 9)
+    mask = random_mask(2, 6, 3, 9)
+    out_weights = torch.randn(2, encoder.num_features, 2, 3)
+    out32, img_grad32, grads32 = forward_and_grads(encoder, imgs, mask, out_weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, img_grad16, grads16 = forward_and_grads(encoder, imgs, mask, out_weights)
+    assert out16.dtype == torch.bfloat16
+    assert_close(out16.float(), out32, rel=5e-2)
+    conv_dw = "stages.0.blocks.0.conv_dw.weight"
+    assert grads16[conv_dw].dtype == torch.float32
+    assert_close(grads16[conv_dw], grads32[conv_dw], rel=1e-1)
