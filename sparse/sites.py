@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from timm.layers import drop_path as timm_drop_path
 
 PATCH_PIXELS = 32  # FCMAE masks 32x32-pixel patches: one site at stride 32.
-STEM_STRIDE = 4
 
 
 class Sites:
@@ -102,26 +101,30 @@ class PatchSites(Sites):
         blocks[self.batch_index, self.rows, :, self.cols] = x
         return blocks.reshape(n, self.grid_h * p, self.grid_w * p, c)
 
-    def stem(self, imgs, conv):
-        # The 4x4 stride-4 stem never crosses a 32x32 patch: run it as one
-        # matmul over the pixels of the kept patches only.
-        n, c_in = imgs.shape[:2]
-        s, p = STEM_STRIDE, PATCH_PIXELS // STEM_STRIDE
-        patches = self._gather_patches(imgs.permute(0, 2, 3, 1), PATCH_PIXELS)  # (N, K, 32, 32, 3)
-        patches = patches.reshape(n, self.num_kept, p, s, p, s, c_in)
-        patches = patches.permute(0, 1, 2, 4, 3, 5, 6).reshape(n, self.num_kept, p, p, s * s * c_in)
+    @staticmethod
+    def _patchwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+        """A conv whose kernel equals its stride, on (N, K, P, P, C_in) patches.
+
+        It never mixes sites of two patches, so it is a space-to-depth
+        reshape and one matmul: (N, K, P/s, P/s, C_out).
+        """
+        n, k, p, _, c = x.shape
+        s = conv.stride[0]
+        q = p // s
+        x = x.reshape(n, k, q, s, q, s, c).permute(0, 1, 2, 4, 3, 5, 6).reshape(n, k, q, q, s * s * c)
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (out, ky*kx*in)
-        return F.linear(patches, weight, conv.bias)
+        return F.linear(x, weight, conv.bias)
+
+    def stem(self, imgs, conv):
+        # Pixels of the kept 32x32 patches only, then the 4x4 stride-4 conv.
+        patches = self._gather_patches(imgs.permute(0, 2, 3, 1), PATCH_PIXELS)  # (N, K, 32, 32, 3)
+        return self._patchwise_conv(patches, conv)
 
     def depthwise_conv(self, x, conv):
         return _VisibleDepthwiseConv.apply(self._scatter_patches(x), conv.weight, conv.bias, self, x.shape[2])
 
     def downsample(self, x, conv):
-        n, k, p, _, c = x.shape
-        q = p // 2
-        x = x.reshape(n, k, q, 2, q, 2, c).permute(0, 1, 2, 4, 3, 5, 6).reshape(n, k, q, q, 4 * c)
-        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-        return F.linear(x, weight, conv.bias)
+        return self._patchwise_conv(x, conv)
 
     def to_dense(self, x):
         return self._scatter_patches(x).permute(0, 3, 1, 2).contiguous()
