@@ -1,0 +1,161 @@
+"""Checkpoints: atomic writes, keep-newest-N, auto-resume, RNG state.
+
+Layout in an output directory:
+
+    checkpoint-last.pth      written after every epoch (and on pre-emption)
+    checkpoint-0040.pth      every `save_every` epochs; the newest `keep` stay
+
+A checkpoint is written to a temporary file in the same directory, flushed
+to disk, then renamed over the target (`os.replace` is atomic on POSIX), so
+a crash mid-write never destroys the previous checkpoint.
+"""
+
+import os
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+LAST_NAME = "checkpoint-last.pth"
+_NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit this run; the message says why."""
+
+
+def save_atomic(obj: Any, path: PathLike) -> Path:
+    """torch.save `obj` to `path` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Read a checkpoint dict; a clear error for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint ({e})"
+        ) from None
+    except Exception as e:  # unpickling errors of arbitrary files
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a training checkpoint (a {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def numbered_checkpoints(output_dir: PathLike) -> List[Path]:
+    """`checkpoint-<epoch>.pth` files in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _NUMBERED.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
+    """The checkpoint to auto-resume from: `checkpoint-last.pth`, else the newest numbered one."""
+    last = Path(output_dir) / LAST_NAME
+    if last.is_file():
+        return last
+    numbered = numbered_checkpoints(output_dir)
+    return numbered[-1] if numbered else None
+
+
+def save_checkpoint(
+    state: Dict[str, Any],
+    output_dir: PathLike,
+    epoch_done: Optional[int] = None,
+    save_every: int = 0,
+    keep: int = 0,
+) -> List[Path]:
+    """Write `checkpoint-last.pth`; also `checkpoint-<epoch_done>.pth` every `save_every` epochs.
+
+    `epoch_done` is the number of completed epochs (None for a mid-epoch
+    save). Only the newest `keep` numbered checkpoints are kept (0: all).
+    Returns the paths written.
+    """
+    output_dir = Path(output_dir)
+    written = [save_atomic(state, output_dir / LAST_NAME)]
+    if epoch_done is not None and save_every and epoch_done % save_every == 0:
+        numbered = output_dir / f"checkpoint-{epoch_done:04d}.pth"
+        # A hard link to the file just written: no second write. Safe because
+        # later saves replace checkpoint-last.pth by rename, never in place.
+        tmp = output_dir / f".{numbered.name}.link.tmp"
+        try:
+            tmp.unlink(missing_ok=True)
+            os.link(written[0], tmp)
+            os.replace(tmp, numbered)
+        except OSError:  # file systems without hard links
+            tmp.unlink(missing_ok=True)
+            save_atomic(state, numbered)
+        written.append(numbered)
+        prune_checkpoints(output_dir, keep)
+    return written
+
+
+def prune_checkpoints(output_dir: PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` numbered checkpoints (keep <= 0: delete none)."""
+    if keep <= 0:
+        return
+    for old in numbered_checkpoints(output_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def rng_state() -> Dict[str, Any]:
+    """The state of every random generator training uses (python, numpy, torch CPU and CUDA)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu() if torch.is_tensor(state["torch"]) else state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def check_writable(output_dir: PathLike) -> Path:
+    """Create `output_dir` if needed and prove it is writable; a clear error otherwise."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=output_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise CheckpointError(f"output directory {output_dir} is not writable: {e.strerror or e}") from None
+    return output_dir

@@ -1,0 +1,214 @@
+"""Readable YAML configs: load, merge, override from the command line, dump.
+
+A resolved config is a plain dict (possibly nested). It is built in layers,
+later layers winning:
+
+    defaults (in code)  <  config files (in order)  <  command-line overrides
+
+Command-line overrides name existing keys: ``--batch_size 64``,
+``--batch_size=64``, ``batch_size=64`` or, for nested keys, ``--optim.lr 1e-3``.
+Values are parsed as YAML scalars/lists (``true``, ``1e-4``, ``[1, 2]``,
+``null``). ``aliases`` maps other flag names (e.g. a reference release's) to
+config keys; an unknown key is a clear error, never silently ignored.
+
+Used by both the pre-training and the fine-tuning commands.
+"""
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+PathLike = Union[str, os.PathLike]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says why."""
+
+
+def load_yaml(path: PathLike) -> Dict[str, Any]:
+    """Read one YAML mapping; a clear error for a missing, unreadable or non-mapping file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def merge_configs(*configs: Mapping[str, Any]) -> Dict[str, Any]:
+    """Deep-merge mappings left to right (nested dicts merge, other values replace)."""
+    out: Dict[str, Any] = {}
+    for cfg in configs:
+        for key, value in cfg.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+                out[key] = merge_configs(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(files: Iterable[PathLike], defaults: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """``defaults`` merged with each YAML file in turn."""
+    layers = [defaults or {}] + [load_yaml(f) for f in files]
+    return merge_configs(*layers)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML would read it ('1e-4' -> 0.0001, 'none'/'null' -> None)."""
+    if text.lower() in ("none", "null", "~"):
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads '1e-4' (no dot) as a string; accept it as a float.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(
+    argv: Sequence[str],
+    aliases: Optional[Mapping[str, str]] = None,
+    flags: Iterable[str] = (),
+) -> Dict[str, Any]:
+    """Turn ``--key value`` / ``--key=value`` / ``key=value`` items into {dotted_key: value}.
+
+    ``aliases`` renames keys (``{"model": "size"}``). Keys listed in ``flags``
+    are booleans that take no value (``--dry_run`` -> True). A flag with no
+    value that is not in ``flags`` is an error.
+    """
+    aliases = dict(aliases or {})
+    flags = set(flags)
+    out: Dict[str, Any] = {}
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            key, has_eq, value = item[2:].partition("=")
+            key = key.replace("-", "_") if key not in aliases else key
+            if not has_eq:
+                if key in flags or aliases.get(key) in flags:
+                    value = "true"
+                elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+                    i += 1
+                    value = items[i]
+                else:
+                    raise ConfigError(f"option --{key} needs a value")
+        elif "=" in item:
+            key, _, value = item.partition("=")
+        else:
+            raise ConfigError(f"unexpected argument {item!r}; use --key value or key=value")
+        if not key:
+            raise ConfigError(f"malformed option {item!r}")
+        out[aliases.get(key, key)] = parse_value(value)
+        i += 1
+    return out
+
+
+def _split(key: str) -> List[str]:
+    return key.split(".")
+
+
+def get_key(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """Value at a dotted key, or ``default``."""
+    node: Any = cfg
+    for part in _split(key):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def apply_overrides(
+    cfg: Mapping[str, Any], overrides: Mapping[str, Any], allow_new: bool = False
+) -> Dict[str, Any]:
+    """A copy of ``cfg`` with dotted-key overrides applied; unknown keys are errors."""
+    out = copy.deepcopy(dict(cfg))
+    for key, value in overrides.items():
+        parts = _split(key)
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                if not allow_new:
+                    raise ConfigError(f"unknown config key {'.'.join(parts[:depth + 1])!r} (in override {key!r})")
+                node[part] = {}
+            node = node[part]
+        if parts[-1] not in node and not allow_new:
+            known = ", ".join(sorted(_flat_keys(out)))
+            raise ConfigError(f"unknown config key {key!r}; known keys: {known}")
+        node[parts[-1]] = value
+    return out
+
+
+def _flat_keys(cfg: Mapping[str, Any], prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in cfg.items():
+        if isinstance(v, Mapping) and v:
+            keys += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def dump_config(cfg: Mapping[str, Any], path: Optional[PathLike] = None) -> str:
+    """The config as YAML text (keys in insertion order); also written atomically to ``path``."""
+    text = yaml.safe_dump(_plain(cfg), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, Paths -> str, so YAML dumps stay readable and loadable."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def split_positionals(argv: Sequence[str], count: int) -> Tuple[List[str], List[str]]:
+    """Up to ``count`` leading arguments that are not options, and the rest."""
+    argv = list(argv)
+    positionals = []
+    while argv and len(positionals) < count and not argv[0].startswith("-") and "=" not in argv[0]:
+        positionals.append(argv.pop(0))
+    return positionals, argv
+
+
+def config_root() -> Path:
+    """The `configs/` folder: $FCMAE_CONFIG_DIR, else the one next to the installed packages."""
+    env = os.environ.get("FCMAE_CONFIG_DIR")
+    root = Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    if not root.is_dir():
+        raise ConfigError(f"config folder {root} not found; set FCMAE_CONFIG_DIR to the repository's configs/")
+    return root
+
+
+def choices(folder: PathLike) -> List[str]:
+    """Names (without .yaml) of the config files in a folder, sorted."""
+    folder = Path(folder)
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []

@@ -1,0 +1,168 @@
+"""torch.distributed set-up shared by the training commands.
+
+One process per GPU (or one or more CPU processes with gloo). The process
+group is initialised from the environment that the launcher leaves:
+
+- torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+- SLURM (srun, one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+  with MASTER_ADDR/MASTER_PORT exported by launch/common.sh (or the first
+  host of SLURM_JOB_NODELIST and port 29500 when unset);
+- neither: a single process, no process group.
+
+NCCL is used on CUDA devices, gloo on CPU.
+"""
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None  # None when not distributed
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank_info(env: Optional[Mapping[str, str]] = None) -> Dict[str, int]:
+    """rank, world_size and local_rank from torchrun's or SLURM's variables (defaults 0, 1, 0)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+        }
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+        }
+    return {"rank": 0, "world_size": 1, "local_rank": 0}
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cuda' -> cuda:<local_rank>.
+
+    A clear error when CUDA is requested but unavailable.
+    """
+    name = str(name or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if nodelist:
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+            return out.stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            pass
+    return "127.0.0.1"
+
+
+def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+    """Initialise the default process group from the environment (if several processes).
+
+    Returns a `DistInfo`; on CUDA, also selects this process's GPU.
+    """
+    info = env_rank_info()
+    dev = resolve_device(device, info["local_rank"])
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if info["world_size"] <= 1:
+        return DistInfo(0, 1, 0, dev, None)
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info["rank"]), str(info["world_size"])
+        os.environ["LOCAL_RANK"] = str(info["local_rank"])
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=info["rank"],
+            world_size=info["world_size"],
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistInfo(info["rank"], info["world_size"], info["local_rank"], dev, backend)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(value: Union[float, torch.Tensor], device: Optional[torch.device] = None):
+    """Mean of a number or tensor over all processes (the value itself when single-process)."""
+    if not is_dist():
+        return value
+    is_tensor = torch.is_tensor(value)
+    t = value.detach().clone().float() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
+    if device is not None:
+        t = t.to(device)
+    elif dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t = t / get_world_size()
+    return t if is_tensor else float(t.item())
+
+
+def all_reduce_max(value: float, device: Optional[torch.device] = None) -> float:
+    """Maximum of a number over all processes (e.g. to agree on a stop flag)."""
+    if not is_dist():
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64)
+    if device is not None:
+        t = t.to(device)
+    elif dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def cleanup() -> None:
+    """Destroy the process group if one was created."""
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,157 @@
+"""FCMAE: the sparse ConvNeXt V2 encoder, a light dense decoder and the masked-patch loss.
+
+    imgs (N, 3, H, W), mask (N, L), 1 = masked
+      -> encoder (visible patches only)            (N, C, H/32, W/32), zeros at masked sites
+      -> proj: 1x1 conv to decoder_dim
+      -> masked sites replaced by mask_token
+      -> decoder: ConvNeXt V2 block(s) with GRN    (N, D, H/32, W/32)
+      -> pred: 1x1 conv to 32*32*3 per site        (N, L, 3072)
+      -> loss: MSE to the (per-patch normalised) pixels, over masked patches only
+
+Parameter names follow the reference release (encoder.*, proj, mask_token,
+decoder.<i>, pred), so finetune/convert.py can take the encoder out.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models.convnext import ConvNeXtBlock
+
+import sparse
+from fcmae.masking import PATCH_SIZE, check_mask_ratio, patchify, random_mask, unpatchify
+
+
+class FCMAE(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        img_size: int = 224,
+        patch_size: int = PATCH_SIZE,
+        mask_ratio: float = 0.6,
+        decoder_dim: int = 512,
+        decoder_depth: int = 1,
+        norm_pix_loss: bool = True,
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        if patch_size != PATCH_SIZE:
+            raise ValueError(f"the encoder's total stride is {PATCH_SIZE}, so patch_size must be {PATCH_SIZE}, "
+                             f"got {patch_size}")
+        if img_size % patch_size or img_size <= 0:
+            raise ValueError(f"img_size must be a positive multiple of {patch_size}, got {img_size}")
+        if decoder_depth < 1 or decoder_dim < 1:
+            raise ValueError(f"decoder_dim and decoder_depth must be positive, got {decoder_dim}, {decoder_depth}")
+        check_mask_ratio(mask_ratio, (img_size // patch_size) ** 2)
+        self.img_size, self.patch_size, self.mask_ratio = img_size, patch_size, float(mask_ratio)
+        self.norm_pix_loss, self.in_chans = bool(norm_pix_loss), in_chans
+        self.decoder_dim, self.decoder_depth = decoder_dim, decoder_depth
+
+        self.encoder = encoder
+        self.proj = nn.Conv2d(encoder.num_features, decoder_dim, kernel_size=1)
+        self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
+        self.decoder = nn.Sequential(*[
+            ConvNeXtBlock(decoder_dim, ls_init_value=None, use_grn=True, conv_mlp=False)
+            for _ in range(decoder_depth)
+        ])
+        self.pred = nn.Conv2d(decoder_dim, patch_size * patch_size * in_chans, kernel_size=1)
+
+        nn.init.normal_(self.mask_token, std=0.02)
+        for part in (self.proj, self.decoder, self.pred):
+            part.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def no_weight_decay(self):
+        """Names of parameters without weight decay besides biases and 1-d ones (norms, GRN)."""
+        return {"mask_token"}
+
+    def set_backend(self, backend: str) -> "FCMAE":
+        self.encoder.set_backend(backend)
+        return self
+
+    def grid_size(self, imgs: torch.Tensor) -> Tuple[int, int]:
+        return imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
+
+    def random_mask(self, imgs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        gh, gw = self.grid_size(imgs)
+        return random_mask(imgs.shape[0], gh * gw, self.mask_ratio, device=imgs.device, generator=generator)
+
+    def forward_decoder(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder map (N, C, gh, gw) -> predictions (N, L, p*p*3)."""
+        x = self.proj(features)
+        n, _, gh, gw = x.shape
+        m = mask.reshape(n, 1, gh, gw).to(x.dtype)
+        x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
+        x = self.pred(self.decoder(x))  # (N, p*p*3, gh, gw)
+        return x.flatten(2).transpose(1, 2)
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, L, p*p*3) patches, normalised per patch when norm_pix_loss."""
+        target = patchify(imgs, self.patch_size)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE per patch (mean over its p*p*3 values), averaged over masked patches only."""
+        per_patch = ((pred.float() - self.target(imgs).float()) ** 2).mean(dim=-1)
+        mask = mask.float()
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, imgs: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """Returns (loss, pred (N, L, p*p*3), mask (N, L), 1 = masked)."""
+        if mask is None:
+            mask = self.random_mask(imgs)
+        elif mask.numel() and float(mask.sum()) == 0:
+            raise ValueError("the mask hides no patch, so there is nothing to reconstruct (the loss is undefined)")
+        features = self.encoder(imgs, mask)
+        pred = self.forward_decoder(features, mask)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    def unpatchify(self, pred: torch.Tensor, imgs_or_grid) -> torch.Tensor:
+        """(N, L, p*p*3) -> (N, 3, H, W); the grid comes from an image batch or a (gh, gw) pair."""
+        grid = self.grid_size(imgs_or_grid) if torch.is_tensor(imgs_or_grid) else tuple(imgs_or_grid)
+        return unpatchify(pred, grid, self.patch_size, self.in_chans)
+
+    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Predictions as images in the input's space (per-patch statistics of `imgs` put back)."""
+        pred = pred.float()
+        if self.norm_pix_loss:
+            target = patchify(imgs.float(), self.patch_size)
+            mean = target.mean(dim=-1, keepdim=True)
+            std = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+            pred = pred * std + mean
+        return self.unpatchify(pred, imgs)
+
+
+def build_fcmae(
+    size: str,
+    img_size: int = 224,
+    patch_size: int = PATCH_SIZE,
+    mask_ratio: float = 0.6,
+    decoder_dim: int = 512,
+    decoder_depth: int = 1,
+    norm_pix_loss: bool = True,
+    backend: str = "torch",
+    **encoder_overrides,
+) -> FCMAE:
+    """FCMAE around the sparse encoder of `size` (e.g. 'atto' or 'convnextv2_atto').
+
+    `encoder_overrides` go to `sparse.build_encoder` (depths, dims, drop_path_rate).
+    """
+    encoder = sparse.build_encoder(size, backend=backend, **encoder_overrides)
+    return FCMAE(encoder, img_size=img_size, patch_size=patch_size, mask_ratio=mask_ratio,
+                 decoder_dim=decoder_dim, decoder_depth=decoder_depth, norm_pix_loss=norm_pix_loss)

@@ -1,0 +1,94 @@
+"""The fine-tuned classifier: timm's dense `convnextv2_<size>`, and loading pre-trained weights into it."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch.nn as nn
+
+from finetune.convert import ConversionError, build_dense, convert, describe_arch, uses_conv_mlp
+from sparse.sizes import check_size, resolve_arch, size_of
+
+
+def build_model(size: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0,
+                depths: Optional[Sequence[int]] = None, dims: Optional[Sequence[int]] = None) -> nn.Module:
+    """timm's ConvNeXt V2 of `size` (depths/dims override it, e.g. for tests) with a fresh head.
+
+    `head_init_scale` multiplies the initial head weights and biases (the
+    recipes use 0.001); `drop_path` is the stochastic-depth rate of the last
+    block (linearly increasing from 0).
+    """
+    name = check_size(size)
+    depths, dims = resolve_arch(name, depths, dims)
+    kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path, head_init_scale=head_init_scale)
+    if size_of(depths, dims) == name:
+        import timm
+
+        model = timm.create_model(f"convnextv2_{name}", **kwargs)
+    else:
+        model = build_dense(depths, dims, conv_mlp=uses_conv_mlp(size_of(depths, dims)), **kwargs)
+    model.arch = (tuple(depths), tuple(dims))
+    return model
+
+
+@dataclass
+class LoadReport:
+    """What `load_pretrained` did; `lines()` is what the command prints."""
+
+    path: str
+    source_format: str
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)  # the model's keys the file did not provide (left as initialised)
+    unexpected: List[str] = field(default_factory=list)
+    dropped: dict = field(default_factory=dict)  # key -> why it was not loaded
+
+    def lines(self) -> List[str]:
+        out = [f"pre-trained weights: {self.path} ({self.source_format})",
+               f"  loaded      {len(self.loaded)} tensors"]
+        out.append(f"  missing     {len(self.missing)} (newly initialised): {', '.join(self.missing) or 'none'}")
+        out.append(f"  unexpected  {len(self.unexpected)}: {', '.join(self.unexpected) or 'none'}")
+        reasons = {}
+        for key, reason in self.dropped.items():
+            reasons.setdefault(reason, []).append(key)
+        for reason, keys in reasons.items():
+            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            out.append(f"  dropped     {len(keys)} ({shown}): {reason}")
+        return out
+
+
+def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") -> LoadReport:
+    """Load an FCMAE checkpoint (converted on the fly), converted weights, or a classifier checkpoint.
+
+    `checkpoint` is the loaded object. The architecture must match the
+    model's (a clear error otherwise). Head weights of another class count
+    are dropped (the head stays freshly initialised); every other tensor
+    must fit.
+    """
+    depths, dims = model.arch
+    try:
+        conversion = convert(checkpoint, conv_mlp=uses_conv_mlp(size_of(depths, dims)))
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
+    if (conversion.depths, conversion.dims) != (tuple(depths), tuple(dims)):
+        raise ConversionError(
+            f"size mismatch: {path} holds {describe_arch(conversion.depths, conversion.dims)}, but the model to "
+            f"fine-tune is {describe_arch(depths, dims)}; pass the checkpoint's size or another checkpoint")
+    weights = dict(conversion.state_dict)
+    dropped = dict(conversion.dropped)
+    own = model.state_dict()
+    for key in [k for k in weights if k.startswith("head.")]:
+        if key not in own or own[key].shape != weights[key].shape:
+            dropped[key] = f"the head has another shape here ({tuple(weights[key].shape)} in the file)"
+            del weights[key]
+    result = model.load_state_dict(weights, strict=False)
+    bad = [k for k in result.missing_keys if not k.startswith("head.")]
+    if bad or result.unexpected_keys:
+        raise ConversionError(f"{path}: weights do not fit the model: missing {bad}, unexpected "
+                              f"{result.unexpected_keys}")
+    return LoadReport(path, conversion.source_format, sorted(weights), list(result.missing_keys),
+                      list(result.unexpected_keys), dropped)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+

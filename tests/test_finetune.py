@@ -1,0 +1,217 @@
+"""Fine-tuning: recipes and flags, layer decay, loading pre-trained weights, evaluation, bad input."""
+
+import re
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from fcmae import build_fcmae
+from fcmae.config import load_yaml
+from finetune import main_finetune as ft
+from finetune.convert import ConversionError
+from finetune.engine import evaluate
+from finetune.model import build_model, load_pretrained
+from finetune.optim import head_layer_id, layer_id, param_groups
+from sparse.sizes import MODEL_SIZES
+
+TINY = ["--depths", "[1, 1, 1, 1]", "--dims", "[8, 16, 16, 16]"]
+
+
+# ---------------------------------------------------------------- recipes and flags
+PUBLISHED = {  # RECIPES.md: blr, epochs, warmup, layer decay, wd, drop path, mixup, cutmix, smoothing
+    "atto": (2e-4, 600, 0, "single", 0.9, 0.3, 0.1, 0.0, 0.0, 0.2),
+    "tiny": (8e-4, 300, 40, "single", 0.9, 0.05, 0.2, 0.8, 1.0, 0.1),
+    "base": (6.25e-4, 100, 20, "group", 0.6, 0.05, 0.1, 0.8, 1.0, 0.1),
+}
+
+
+@pytest.mark.parametrize("size", list(MODEL_SIZES))
+def test_every_size_has_a_recipe_marked_published_or_derived(size):
+    cfg = ft.resolve_config([size, "none", "--data_path", "/nonexistent", "--dry_run"])
+    raw = load_yaml(ft.finetune_config_dir() / "sizes" / f"{size}.yaml")
+    assert raw["recipe_source"] == ("published" if size in PUBLISHED else "derived")
+    assert cfg["size"] == size and cfg["effective_batch"] == 1024 and cfg["head_init_scale"] == 0.001
+    assert cfg["aa"] == "rand-m9-mstd0.5-inc1" and cfg["reprob"] == 0.25 and cfg["min_lr"] == 1e-6
+    assert cfg["model_ema"] and cfg["model_ema_decay"] == 0.9999
+    if size in PUBLISHED:
+        keys = ("blr", "epochs", "warmup_epochs", "layer_decay_type", "layer_decay", "weight_decay", "drop_path",
+                "mixup", "cutmix", "smoothing")
+        assert tuple(cfg[k] for k in keys) == PUBLISHED[size]
+
+
+def test_reference_flag_names_are_accepted(tmp_path):
+    ckpt = tmp_path / "w.pth"
+    torch.save({}, ckpt)
+    cfg = ft.resolve_config([
+        "--model", "convnextv2_tiny", "--finetune", str(ckpt), "--data_path", str(tmp_path), "--nb_classes", "10",
+        "--layer_decay", "0.8", "--layer_decay_type", "group", "--model_ema", "true", "--model_ema_eval", "false",
+        "--mixup", "0.1", "--cutmix", "0", "--smoothing", "0.2", "--reprob", "0.1", "--drop_path", "0.3",
+        "--update_freq", "2", "--blr", "1e-3", "--use_amp", "true", "--dist_eval", "true", "--data_set", "IMNET",
+        "--save_ckpt_freq", "5", "--dry_run"])
+    assert cfg["size"] == "tiny" and cfg["finetune"] == str(ckpt) and cfg["num_classes"] == 10
+    assert (cfg["layer_decay"], cfg["layer_decay_type"], cfg["model_ema"], cfg["model_ema_eval"]) == (0.8, "group",
+                                                                                                       True, False)
+    assert (cfg["mixup"], cfg["cutmix"], cfg["smoothing"], cfg["reprob"], cfg["drop_path"]) == (0.1, 0, 0.2, 0.1, 0.3)
+    assert (cfg["update_freq"], cfg["blr"], cfg["save_every"]) == (2, 1e-3, 5)
+
+
+def test_dry_run_prints_the_plan(capsys):
+    with pytest.raises(SystemExit) as e:
+        ft.main(["base", "none", "--data_path", "/data/imagenet", "--world_size", "16", "--dry_run"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "accumulation     1" in out and "effective batch  1024" in out and "group" in out
+    assert "lr               0.0025" in out  # 6.25e-4 * 1024 / 256
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["atto"], "checkpoint|no data"),
+    (["atto", "missing.pth", "--demo"], "checkpoint not found"),
+    (["atto", "none", "--demo", "--unknown_key", "1"], "unknown config key 'unknown_key'"),
+    (["atto", "none", "--demo", "--layer_decay_type", "stagewise"], "layer_decay_type"),
+    (["atto", "none", "--demo", "--mixup", "0.8", "--batch_size", "7"], "even batch_size"),
+    (["giant", "none", "--demo"], "unknown ConvNeXt V2 size"),
+])
+def test_bad_settings_are_refused_before_anything_runs(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        ft.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+# ---------------------------------------------------------------- layer decay
+def named_groups(model, **kw):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in param_groups(model, **kw) for p in g["params"]}
+
+
+@pytest.mark.parametrize("size", ["atto", "tiny"])
+def test_single_layer_decay_equals_timms_helper(size):
+    from timm.optim import param_groups_layer_decay
+
+    with torch.device("meta"):
+        model = timm.create_model(f"convnextv2_{size}")
+    mine = named_groups(model, weight_decay=0.05, layer_decay=0.9, depths=MODEL_SIZES[size][0], rule="single")
+    names = {id(p): n for n, p in model.named_parameters()}
+    theirs = {names[id(p)]: (g["lr_scale"], g["weight_decay"])
+              for g in param_groups_layer_decay(model, 0.05, layer_decay=0.9) for p in g["params"]}
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert mine[name][0] == pytest.approx(theirs[name][0]) and mine[name][1] == theirs[name][1], name
+
+
+def test_layer_ids_follow_the_recipes():
+    d = (3, 3, 27, 3)
+    single = {"stem.0.weight": 0, "stages.0.blocks.0.conv_dw.weight": 1, "stages.1.downsample.1.weight": 4,
+              "stages.1.blocks.0.norm.weight": 4, "stages.1.blocks.2.mlp.fc1.weight": 6,
+              "stages.3.blocks.2.mlp.fc2.bias": 36, "head.fc.weight": 37, "head.norm.weight": 37}
+    group = {"stem.1.bias": 0, "stages.0.blocks.2.conv_dw.weight": 1, "stages.1.downsample.0.weight": 2,
+             "stages.1.blocks.2.conv_dw.weight": 2, "stages.2.downsample.1.weight": 3,
+             "stages.2.blocks.2.norm.bias": 3, "stages.2.blocks.3.norm.bias": 4, "stages.2.blocks.26.mlp.fc1.weight": 11,
+             "stages.3.downsample.1.weight": 12, "stages.3.blocks.2.mlp.fc2.weight": 12, "head.fc.bias": 13}
+    assert {k: layer_id(k, d, "single") for k in single} == single
+    assert {k: layer_id(k, d, "group") for k in group} == group
+    assert head_layer_id(d, "group") == 13 and head_layer_id(d, "single") == 37
+
+
+def test_no_weight_decay_on_biases_norms_and_grn():
+    model = build_model("atto", 4, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
+    groups = named_groups(model, weight_decay=0.05, layer_decay=0.5, depths=(1, 1, 1, 1), rule="single")
+    for name, (scale, wd) in groups.items():
+        decays = name.endswith("weight") and ("conv" in name or "fc" in name or "downsample.1" in name
+                                              or name == "stem.0.weight")
+        assert (wd == 0.05) == decays, name
+    assert groups["head.fc.weight"][0] == 1.0 and groups["stem.0.weight"][0] == 0.5 ** 5
+
+
+# ---------------------------------------------------------------- loading pre-trained weights
+def test_fcmae_checkpoint_loads_on_the_fly_and_reports_keys():
+    fcmae = build_fcmae("atto", img_size=64, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), decoder_dim=16)
+    model = build_model("atto", 3, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), head_init_scale=0.001)
+    report = load_pretrained(model, {"model": fcmae.state_dict(), "epoch": 1}, "fcmae.pth")
+    assert sorted(report.missing) == ["head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"]
+    assert report.unexpected == [] and len(report.loaded) == len(fcmae.encoder.state_dict())
+    assert {k.split(".")[0] for k in report.dropped} == {"proj", "mask_token", "decoder", "pred"}
+    assert torch.equal(model.stages[1].blocks[0].mlp.fc1.weight.flatten(1),
+                       fcmae.encoder.stages[1].blocks[0].mlp.fc1.weight)
+    text = "\n".join(report.lines())
+    assert "missing     4 (newly initialised)" in text and "used only in pre-training" in text
+    assert float(model.head.fc.weight.detach().abs().max()) < 1e-3  # head init scale
+
+
+def test_size_mismatch_between_checkpoint_and_model_is_named():
+    fcmae = build_fcmae("atto", img_size=64, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), decoder_dim=16)
+    model = build_model("atto", 3, depths=(1, 1, 1, 1), dims=(8, 16, 16, 24))
+    with pytest.raises(ConversionError, match=r"size mismatch: x.pth holds a custom ConvNeXt V2 .*dims \[8, 16, 16, 16\]"):
+        load_pretrained(model, fcmae.state_dict(), "x.pth")
+
+
+def test_evaluate_counts_top1_and_top5_exactly():
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0, 9, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0, 9]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits[x.long().flatten()]
+
+    loader = [(torch.tensor([[0], [1]]), torch.tensor([0, 5])), (torch.tensor([[2]]), torch.tensor([2]))]
+    r = evaluate(Fixed(), loader, torch.device("cpu"))
+    # image 0: top-1 hit; image 1 (label 5, 2nd best): top-5 hit only; image 2 (label 2, 3rd best): top-5 hit
+    assert r["count"] == 3 and r["acc1"] == pytest.approx(100 / 3) and r["acc5"] == pytest.approx(100.0)
+
+
+# ---------------------------------------------------------------- bad data and checkpoints
+def make_folder(root, train_classes=("a", "b", "c"), val_classes=("a", "b", "c"), per_class=2):
+    rng = np.random.RandomState(0)
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        if classes is None:
+            continue
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.randint(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_val", "has no val/ folder"),
+    ("classes_differ", "only in train/: c; only in val/: d"),
+    ("num_classes", "num_classes is 5 but the data set"),
+    ("truncated", "truncated or not a PyTorch checkpoint"),
+    ("not_checkpoint", "unrecognised weights"),
+    ("size", "size mismatch"),
+])
+def test_bad_input_is_a_clear_error_before_training(tmp_path, capsys, case, message):
+    data = make_folder(tmp_path / "data", val_classes=None if case == "no_val" else
+                       ("a", "b", "d") if case == "classes_differ" else ("a", "b", "c"))
+    weights = tmp_path / "w.pth"
+    fcmae = build_fcmae("atto", img_size=64, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), decoder_dim=16)
+    torch.save({"model": fcmae.state_dict()}, weights)
+    if case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    if case == "not_checkpoint":
+        torch.save({"model": {"fc.weight": torch.zeros(3)}}, weights)
+    argv = ["atto", str(weights), "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+            "--num_workers", "0", "--device", "cpu", "--batch_size", "2"] + ([] if case == "size" else TINY)
+    if case == "num_classes":
+        argv += ["--num_classes", "5"]
+    with pytest.raises(SystemExit) as e:
+        ft.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
+def test_randaugment_posterize_at_top_magnitude_works_with_this_pillow():
+    from timm.data.auto_augment import AugmentOp
+
+    from finetune import data as ftdata
+
+    ftdata.train_transform({"input_size": 32, "aa": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "reprob": 0.0,
+                            "remode": "pixel", "recount": 1})
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)  # keeps 0 bits
+    out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert out.getpixel((0, 0)) == (0, 0, 0)

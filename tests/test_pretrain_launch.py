@@ -1,0 +1,76 @@
+"""launch/pretrain.sh: the plan, the dry run, clear early errors, and a 2-process DDP run on CPU."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from fcmae import checkpoint as ckpt
+from fcmae.logging_utils import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch" / "pretrain.sh"
+
+
+def launch(*args, env=None, timeout=300):
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "NNODES")}
+    full_env.update(env or {})
+    return subprocess.run(["bash", str(LAUNCH), *map(str, args)], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_headline_command_without_data_path_stops_with_a_clear_message():
+    result = launch("huge", "800ep")
+    assert result.returncode != 0
+    assert "--data_path" in result.stderr and "launch/pretrain.sh atto demo" in result.stderr
+
+
+def test_usage_and_unknown_names():
+    assert launch().returncode == 2
+    result = launch("giant", "800ep", "--data_path", "/tmp")
+    assert result.returncode != 0 and "unknown ConvNeXt V2 size 'giant'" in result.stderr
+
+
+def test_dry_run_prints_the_plan_for_many_gpus(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "x.jpg").write_bytes(b"")
+    result = launch("huge", "800ep", "--data_path", tmp_path, "--dry_run",
+                    env={"NPROC_PER_NODE": "8", "NNODES": "4"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "world size       32" in out
+    assert "per-GPU batch    32" in out
+    assert "accumulation     4" in out
+    assert "effective batch  4096" in out
+    assert "lr               0.0024" in out
+    assert "800 epochs, 40 warmup" in out
+    assert "dry run: nothing was trained" in out
+    assert not (REPO / "output" / "pretrain" / "huge_800ep").exists()
+    # Reference flag names keep working and override the config.
+    result = launch("base", "1600ep", "--model", "convnextv2_base", "--data_path", tmp_path, "--batch_size", "64",
+                    "--update_freq", "2", "--blr", "1.5e-4", "--dry_run", env={"NPROC_PER_NODE": "8"})
+    assert result.returncode == 0, result.stderr
+    assert "accumulation     2" in result.stdout and "effective batch  1024" in result.stdout
+    assert "1600 epochs" in result.stdout
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    out = tmp_path / "out"
+    result = launch(
+        "atto", "demo", "--output_dir", out, "--depths", "[1,1,1,1]", "--dims", "[8,16,16,16]",
+        "--decoder_dim", "32", "--input_size", "64", "--batch_size", "4", "--effective_batch", "8",
+        "--epochs", "1", "--demo_per_photo", "2", "--demo_crop_size", "64", "--num_workers", "1",
+        "--print_every", "1", "--device", "cpu",
+        env={"NPROC_PER_NODE": "2", "FCMAE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "torchrun" in result.stdout and "world size       2" in result.stdout
+    records = [r for r in read_jsonl(out / "log.jsonl") if r["type"] == "train"]
+    # 18 photos x 2 crops = 36 images: 18 per process, 4 iterations of 4 each.
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    state = ckpt.load_checkpoint(out / "checkpoint-last.pth")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each process its own masks
