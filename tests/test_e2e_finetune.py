@@ -1,6 +1,6 @@
 """The demo chain on a tiny config: pre-train -> convert -> fine-tune -> evaluate, plus resume.
 
-The same commands as the README's demo (docs/FINETUNE.md), with a tiny
+The same commands as the README's demo chain, with a tiny
 model, 64-pixel crops and one or two epochs, so it runs in CI in well under
 two minutes on a CPU.
 """
