@@ -134,32 +134,30 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: Union[float, torch.Tensor], device: Optional[torch.device] = None):
-    """Mean of a number or tensor over all processes (the value itself when single-process)."""
-    if not is_dist():
-        return value
-    is_tensor = torch.is_tensor(value)
-    t = value.detach().clone().float() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
+def _all_reduce(value: Union[float, torch.Tensor], op, device: Optional[torch.device]) -> torch.Tensor:
+    """`value` as a tensor (float64 for a number), reduced with `op` over all processes on `device`."""
+    t = value.detach().clone().float() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
     if device is not None:
         t = t.to(device)
     elif dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t = t / get_world_size()
-    return t if is_tensor else float(t.item())
+    dist.all_reduce(t, op=op)
+    return t
+
+
+def all_reduce_mean(value: Union[float, torch.Tensor], device: Optional[torch.device] = None):
+    """Mean of a number or tensor over all processes (the value itself when single-process)."""
+    if not is_dist():
+        return value
+    t = _all_reduce(value, dist.ReduceOp.SUM, device) / get_world_size()
+    return t if torch.is_tensor(value) else float(t.item())
 
 
 def all_reduce_max(value: float, device: Optional[torch.device] = None) -> float:
     """Maximum of a number over all processes (e.g. to agree on a stop flag)."""
     if not is_dist():
         return value
-    t = torch.tensor(float(value), dtype=torch.float64)
-    if device is not None:
-        t = t.to(device)
-    elif dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return float(_all_reduce(value, dist.ReduceOp.MAX, device).item())
 
 
 def cleanup() -> None:

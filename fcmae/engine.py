@@ -1,4 +1,8 @@
-"""One epoch of FCMAE pre-training, and the checkpoint state of a run.
+"""One epoch of training, and the checkpoint state of a run.
+
+Pre-training and fine-tuning share this loop; they differ only in how a
+batch's loss is computed (`loss_fn`) and in what follows an optimizer step
+(`after_step`: fine-tuning's EMA update).
 
 The loop counts two kinds of steps:
 - iterations: one batch through the model per process;
@@ -71,9 +75,15 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def grad_scaler(device: torch.device, amp: str) -> Optional[torch.amp.GradScaler]:
+    """A loss scaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler("cuda") if (device.type == "cuda" and amp == "fp16") else None
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],  # (model, batch) -> loss, run under autocast
     optimizer: torch.optim.Optimizer,
     scaler: Optional[torch.amp.GradScaler],
     state: RunState,
@@ -82,33 +92,33 @@ def train_one_epoch(
     amp: str,
     stop,  # fcmae.signals.StopRequest
     save: Callable[[], Any],  # writes a checkpoint of the current state (mid-epoch)
-    on_bad_images: Callable[[list], None],
     progress,  # fcmae.logging_utils.ProgressMeter
     on_log: Callable[[Dict[str, float]], None],
+    after_step: Optional[Callable[[torch.nn.Module, int], None]] = None,  # (model, step) after each optimizer step
 ) -> bool:
     """Run the rest of epoch `state.epoch` from `state.iteration`.
 
-    Returns False when a stop was requested (after saving a checkpoint if the
-    epoch is not finished), True otherwise.
+    `loss_fn` moves the batch to `device` and returns the loss; it runs under
+    autocast, which leaves data movement and Mixup untouched. Returns False
+    when a stop was requested (after saving a checkpoint if the epoch is not
+    finished), True otherwise.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     uf = loop.update_freq
+    reduce_on = device if device.type == "cuda" else None
     lr = cosine_lr(state.step, loop.total_steps, loop.warmup_steps, loop.lr, loop.min_lr)
-    for imgs, bad in loader:
+    for batch in loader:
         if state.iteration >= loop.iters_per_epoch:
             break
-        if bad:
-            on_bad_images(bad)
         if state.iteration % uf == 0:
             lr = cosine_lr(state.step, loop.total_steps, loop.warmup_steps, loop.lr, loop.min_lr)
             set_lr(optimizer, lr)
-        imgs = imgs.to(device, non_blocking=True)
         boundary = (state.iteration + 1) % uf == 0
         sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else nullcontext()
         with sync:
             with autocast_context(device, amp):
-                loss, _, _ = model(imgs)
+                loss = loss_fn(model, batch)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
@@ -116,10 +126,7 @@ def train_one_epoch(
                     f"(optimizer step {state.step + 1}); training stopped"
                 )
             loss = loss / uf
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         state.epoch_loss_sum += loss_value
         state.epoch_loss_count += 1
         state.iteration += 1
@@ -138,9 +145,11 @@ def train_one_epoch(
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        if after_step is not None:
+            after_step(model, state.step)
 
         if state.iteration % (loop.print_every * uf) == 0 or state.iteration == loop.iters_per_epoch:
-            mean_loss = distributed.all_reduce_mean(loss_value, device if device.type == "cuda" else None)
+            mean_loss = distributed.all_reduce_mean(loss_value, reduce_on)
             rates = progress.line(state.epoch, loop.epochs, state.iteration, loop.iters_per_epoch,
                                   state.epoch * loop.iters_per_epoch + state.iteration,
                                   {"loss": mean_loss, "lr": lr})
@@ -149,7 +158,7 @@ def train_one_epoch(
 
         if loop.exit_after_steps is not None and state.step >= loop.exit_after_steps:
             stop.request()
-        if stop.should_stop(device if device.type == "cuda" else None):
+        if stop.should_stop(reduce_on):
             if state.iteration < loop.iters_per_epoch:
                 save()  # mid-epoch; at the end of an epoch the caller saves the epoch checkpoint
             return False

@@ -22,14 +22,12 @@ reproduces the losses of an uninterrupted one.
 
 import math
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import sparse
@@ -39,14 +37,16 @@ from fcmae.config import (
     ConfigError, apply_overrides, choices, config_root, dump_config, load_config, parse_overrides, split_positionals,
 )
 from fcmae.data import (
-    IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, ImageFolderDataset, ResumableDistributedSampler,
-    collate_images, find_image_root, pretrain_transform,
+    IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, ImageFolderDataset, collate_images, find_image_root,
+    pretrain_transform,
 )
-from fcmae.engine import LoopConfig, NonFiniteLossError, RunState, build_optimizer, train_one_epoch
-from fcmae.logging_utils import JsonlLogger, ProgressMeter, TensorBoard, log
+from fcmae.engine import NonFiniteLossError, RunState, autocast_context, build_optimizer, grad_scaler
+from fcmae.logging_utils import log
 from fcmae.masking import PATCH_SIZE, check_mask_ratio
 from fcmae.model import build_fcmae
-from fcmae.signals import StopRequest
+from fcmae.training import (
+    checkpoint_saver, find_resume, loop_config, restore, seed_everything, train_epochs, train_loader, wrap_ddp,
+)
 
 # Flag names of the reference release (and a few spellings) -> config keys.
 ALIASES = {
@@ -300,16 +300,6 @@ def _norm(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def gather_rng_states() -> list:
-    """Every process's RNG state, gathered (on all ranks)."""
-    state = ckpt.rng_state()
-    if not distributed.is_dist():
-        return [state]
-    states = [None] * distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
 # ---------------------------------------------------------------- the run
 def run(cfg: Dict[str, Any]) -> int:
     if cfg["dry_run"]:
@@ -357,11 +347,7 @@ def _train(cfg: Dict[str, Any], info: distributed.DistInfo) -> int:
     plan = make_plan(cfg, world, len(dataset))
 
     # Resume (checked before building the model).
-    resume_from = None
-    if str(cfg["resume"]).lower() == "auto":
-        resume_from = ckpt.find_latest_checkpoint(out)
-    elif cfg["resume"] not in (None, "", "none", False):
-        resume_from = Path(cfg["resume"])
+    resume_from = find_resume(cfg)
     saved = None
     if resume_from is not None:
         try:
@@ -377,133 +363,71 @@ def _train(cfg: Dict[str, Any], info: distributed.DistInfo) -> int:
         dump_config({**cfg, "plan": plan}, out / "config.yaml")
 
     # Seeds: the mask and drop path differ per process; augmentation depends on (seed, epoch, index).
-    torch.manual_seed(cfg["seed"] + rank)
-    np.random.seed(cfg["seed"] + rank)
-    random.seed(cfg["seed"] + rank)
-
+    seed_everything(cfg["seed"] + rank)
     model = build_fcmae(cfg["size"], img_size=cfg["input_size"], mask_ratio=cfg["mask_ratio"],
                         decoder_dim=cfg["decoder_dim"], decoder_depth=cfg["decoder_depth"],
                         norm_pix_loss=cfg["norm_pix_loss"], backend=cfg["backend"], depths=cfg.get("depths"),
                         dims=cfg.get("dims"), drop_path_rate=cfg["drop_path"]).to(device)
     optimizer = build_optimizer(model, plan["lr"], cfg["weight_decay"], cfg["betas"])
-    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and cfg["amp"] == "fp16") else None
+    scaler = grad_scaler(device, cfg["amp"])
 
     state = RunState()
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        state = RunState(**saved["run_state"])
-        rngs = saved.get("rng") or []
-        if len(rngs) == world:
-            ckpt.set_rng_state(rngs[rank])
-        else:
-            log(f"note: the checkpoint has RNG states of {len(rngs)} processes, this run has {world}; reseeding")
-            torch.manual_seed(cfg["seed"] + rank + 1_000_003 * state.step)
-        log(f"resumed from {resume_from}: epoch {state.epoch + 1}, iteration {state.iteration}, step {state.step}")
+        state = restore(saved, resume_from, model, optimizer, scaler, cfg["seed"], info)
         del saved
     if state.epoch >= cfg["epochs"]:
         log(f"nothing to do: {state.epoch} of {cfg['epochs']} epochs already done in {out}")
         return 0
 
-    model_without_ddp = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    sampler = ResumableDistributedSampler(dataset, cfg["batch_size"], num_replicas=world, rank=rank,
-                                          shuffle=True, seed=cfg["seed"])
-    sampler.max_batches = plan["iters_per_epoch"]
-    loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
-                        pin_memory=device.type == "cuda", drop_last=True, collate_fn=collate_images,
-                        generator=torch.Generator())  # keeps the global RNG untouched by the loader
-
-    loop = LoopConfig(epochs=cfg["epochs"], iters_per_epoch=plan["iters_per_epoch"], update_freq=plan["update_freq"],
-                      lr=plan["lr"], min_lr=float(cfg["min_lr"]), warmup_steps=plan["warmup_steps"],
-                      total_steps=plan["total_steps"], images_per_iter=cfg["batch_size"] * world,
-                      print_every=cfg["print_every"], clip_grad=cfg["clip_grad"],
-                      exit_after_steps=cfg["exit_after_steps"])
-    jsonl = JsonlLogger(out / "log.jsonl", enabled=main)
-    jsonl.truncate_after("step", state.step)  # drop records written after the checkpoint
-    tb = TensorBoard(cfg["log_dir"], enabled=main, purge_step=state.step or None)
-    progress = ProgressMeter(loop.epochs * loop.iters_per_epoch, loop.images_per_iter,
-                             start_step=state.epoch * loop.iters_per_epoch + state.iteration, enabled=main)
+    loader = train_loader(dataset, cfg, plan, info, collate_fn=collate_images)
+    loop = loop_config(cfg, plan, world)
     bad_images = BadImageTracker(len(dataset), float(cfg["max_bad_fraction"]), logger=lambda m: log(m, main_only=False))
     fixed_imgs = vis_batch(dataset, cfg) if main else None
-    stop = StopRequest().install()
+    save = checkpoint_saver(out, cfg, info, model, optimizer, scaler, state)
 
-    def save(epoch_done=None):
-        rngs = gather_rng_states()
-        if main:
-            payload = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict() if scaler is not None else None,
-                       "epoch": state.epoch, "step": state.step, "run_state": state.as_dict(),
-                       "rng": rngs, "config": cfg, "world_size": world}
-            ckpt.save_checkpoint(payload, out, epoch_done=epoch_done, save_every=cfg["save_every"],
-                                 keep=cfg["keep_checkpoints"])
-        distributed.barrier()
+    def loss_fn(model, batch):
+        imgs, bad = batch
+        if bad:
+            bad_images.update(bad)
+        loss, _, _ = model(imgs.to(device, non_blocking=True))
+        return loss
 
-    def on_log(record):
-        jsonl.write({"type": "train", **record})
-        tb.scalars({"loss": record["loss"], "lr": record["lr"], "images_per_s": record["images_per_s"]},
-                   record["step"], prefix="train/")
+    def end_epoch(epoch_loss, jsonl, tb):
+        summary = {"epoch": state.epoch + 1, "loss": epoch_loss, "step": state.step}
+        state.history.append(summary)
+        jsonl.write({"type": "epoch", **summary})
+        tb.scalars({"epoch_loss": epoch_loss}, state.step, prefix="train/")
+        log(f"epoch {state.epoch + 1}/{cfg['epochs']} done: mean loss {epoch_loss:.4f}")
+        if fixed_imgs is not None:
+            _save_reconstruction(model, fixed_imgs, cfg, device, state.step, tb, out)
 
     log(f"training: {len(dataset)} images, {loop.iters_per_epoch} iterations/epoch, output in {out}")
     try:
-        while state.epoch < cfg["epochs"]:
-            sampler.set_epoch(state.epoch, start_batch=state.iteration)
-            dataset.set_epoch(state.epoch)
-            finished = train_one_epoch(model, loader, optimizer, scaler, state, loop, device, cfg["amp"], stop,
-                                       save, bad_images.update, progress, on_log)
-            if state.iteration >= loop.iters_per_epoch:
-                _end_epoch(state, cfg, device, main, jsonl, tb, model_without_ddp, fixed_imgs, out)
-                save(epoch_done=state.epoch)
-            if not finished:
-                log(f"stopped by {stop.signal_name or 'request'} at epoch {state.epoch + 1}, step {state.step}; "
-                    f"checkpoint saved in {out}. Run the same command again to resume.")
-                return 0
-    except NonFiniteLossError as e:
-        last = ckpt.find_latest_checkpoint(out)
-        raise NonFiniteLossError(
-            f"{e}. The last good checkpoint ({last or 'none yet'}) is kept; lower the learning rate "
-            "(--blr) or use --amp bf16/off, then run again to resume from it") from None
+        finished = train_epochs(wrap_ddp(model, info), loader, loss_fn, optimizer, scaler, state, loop, cfg, device,
+                                save, end_epoch)
     except DataError as e:
         raise UsageError(str(e)) from None
-    finally:
-        stop.restore()
-        tb.close()
+    if not finished:
+        return 0
     log(f"done: {cfg['epochs']} epochs, final epoch loss {state.history[-1]['loss']:.4f}; checkpoints in {out}")
     return 0
 
 
-def _end_epoch(state: RunState, cfg, device, main, jsonl, tb, model, fixed_imgs, out: Path) -> None:
-    """Epoch summary (loss averaged over processes), reconstruction picture, then move to the next epoch."""
-    local = state.epoch_loss_sum / max(state.epoch_loss_count, 1)
-    epoch_loss = distributed.all_reduce_mean(local, device if device.type == "cuda" else None)
-    summary = {"epoch": state.epoch + 1, "loss": epoch_loss, "step": state.step}
-    state.history.append(summary)
-    jsonl.write({"type": "epoch", **summary})
-    tb.scalars({"epoch_loss": epoch_loss}, state.step, prefix="train/")
-    log(f"epoch {state.epoch + 1}/{cfg['epochs']} done: mean loss {epoch_loss:.4f}")
-    if main and fixed_imgs is not None:
-        from fcmae.engine import autocast_context
-        from fcmae.visualize import reconstruction_grid, save_png
+def _save_reconstruction(model, fixed_imgs, cfg, device, step: int, tb, out: Path) -> None:
+    """The reconstruction picture of the fixed batch: reconstruction.png and TensorBoard."""
+    from fcmae.visualize import reconstruction_grid, save_png
 
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), autocast_context(device, cfg["amp"]):
-            imgs = fixed_imgs.to(device)
-            mask = model.random_mask(imgs, generator=torch.Generator(device=device).manual_seed(cfg["seed"]))
-            _, pred, mask = model(imgs, mask)
-        model.train(was_training)
-        picture = reconstruction_grid(model, imgs, mask, pred)
-        save_png(picture, out / "reconstruction.png")
-        tb.image("reconstruction (original | masked | reconstruction | + visible)", picture, state.step)
-        tb.flush()
-    state.epoch += 1
-    state.iteration = 0
-    state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast_context(device, cfg["amp"]):
+        imgs = fixed_imgs.to(device)
+        mask = model.random_mask(imgs, generator=torch.Generator(device=device).manual_seed(cfg["seed"]))
+        _, pred, mask = model(imgs, mask)
+    model.train(was_training)
+    picture = reconstruction_grid(model, imgs, mask, pred)
+    save_png(picture, out / "reconstruction.png")
+    tb.image("reconstruction (original | masked | reconstruction | + visible)", picture, step)
+    tb.flush()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

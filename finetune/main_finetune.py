@@ -22,13 +22,10 @@ log.jsonl work as in pre-training.
 """
 
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 import sparse
@@ -37,14 +34,16 @@ from fcmae import distributed
 from fcmae.config import (
     ConfigError, apply_overrides, config_root, dump_config, load_config, parse_overrides, split_positionals,
 )
-from fcmae.data import DataError, ResumableDistributedSampler
-from fcmae.engine import LoopConfig, NonFiniteLossError, RunState
-from fcmae.logging_utils import JsonlLogger, ProgressMeter, TensorBoard, log
-from fcmae.main_pretrain import UsageError, check_output_dir, gather_rng_states, make_plan
-from fcmae.signals import StopRequest
+from fcmae.data import DataError
+from fcmae.engine import NonFiniteLossError, RunState, grad_scaler
+from fcmae.logging_utils import JsonlLogger, log
+from fcmae.main_pretrain import UsageError, check_output_dir, make_plan
+from fcmae.training import (
+    checkpoint_saver, find_resume, loop_config, restore, seed_everything, train_epochs, train_loader, wrap_ddp,
+)
 from finetune import data as ftdata
 from finetune.convert import ConversionError
-from finetune.engine import evaluate, train_one_epoch
+from finetune.engine import evaluate
 from finetune.model import build_model, load_pretrained
 from finetune.optim import LAYER_DECAY_TYPES, build_optimizer
 
@@ -261,14 +260,6 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def find_resume(cfg) -> Optional[Path]:
-    if str(cfg["resume"]).lower() == "auto":
-        return ckpt.find_latest_checkpoint(cfg["output_dir"])
-    if cfg["resume"] in (None, "", "none", False):
-        return None
-    return Path(cfg["resume"])
-
-
 # ---------------------------------------------------------------- the plan
 def format_plan(cfg, plan, data: str, num_classes) -> str:
     depths, dims = sparse.sizes.resolve_arch(cfg["size"], cfg.get("depths"), cfg.get("dims"))
@@ -312,12 +303,6 @@ def run(cfg: Dict[str, Any]) -> int:
         distributed.cleanup()
 
 
-def _seed(cfg, rank):
-    torch.manual_seed(cfg["seed"] + rank)
-    np.random.seed(cfg["seed"] + rank)
-    random.seed(cfg["seed"] + rank)
-
-
 def _new_model(cfg, num_classes):
     return build_model(cfg["size"], num_classes, drop_path=cfg["drop_path"], head_init_scale=cfg["head_init_scale"],
                        depths=cfg.get("depths"), dims=cfg.get("dims"))
@@ -330,7 +315,7 @@ def _evaluate_only(cfg: Dict[str, Any], info: distributed.DistInfo) -> int:
         raise UsageError(f"--eval needs a checkpoint: --resume PATH, a checkpoint in {cfg['output_dir']}, "
                          "or CHECKPOINT")
     state = read_checkpoint(path)
-    _seed(cfg, info.rank)
+    seed_everything(cfg["seed"] + info.rank)
     model = _new_model(cfg, len(classes))
     results = {}
     if is_finetune_checkpoint(state):
@@ -375,7 +360,7 @@ def _train(cfg: Dict[str, Any], info: distributed.DistInfo) -> int:
     saved = read_checkpoint(resume_from) if resume_from is not None else None
     if saved is not None:
         check_resumable(saved, cfg, resume_from)
-    _seed(cfg, rank)
+    seed_everything(cfg["seed"] + rank)
     model = _new_model(cfg, num_classes)
     if saved is None and cfg["finetune"]:
         try:
@@ -393,7 +378,7 @@ def _train(cfg: Dict[str, Any], info: distributed.DistInfo) -> int:
     depths, _ = model.arch
     optimizer = build_optimizer(model, plan["lr"], cfg["weight_decay"], cfg["layer_decay"], depths,
                                 cfg["layer_decay_type"], cfg["betas"])
-    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and cfg["amp"] == "fp16") else None
+    scaler = grad_scaler(device, cfg["amp"])
     ema = None
     if cfg["model_ema"]:
         from timm.utils import ModelEmaV3
@@ -401,115 +386,58 @@ def _train(cfg: Dict[str, Any], info: distributed.DistInfo) -> int:
         ema = ModelEmaV3(model, decay=cfg["model_ema_decay"])
     state, best = RunState(), {"acc1": 0.0}
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
+        state = restore(saved, resume_from, model, optimizer, scaler, cfg["seed"], info)
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
-        state = RunState(**saved["run_state"])
         best = saved.get("best") or best
-        rngs = saved.get("rng") or []
-        if len(rngs) == world:
-            ckpt.set_rng_state(rngs[rank])
-        log(f"resumed from {resume_from}: epoch {state.epoch + 1}, iteration {state.iteration}, step {state.step}")
         del saved
     if state.epoch >= cfg["epochs"]:
         log(f"nothing to do: {state.epoch} of {cfg['epochs']} epochs already done in {out}")
         return 0
 
-    model_without_ddp = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = ResumableDistributedSampler(train_set, cfg["batch_size"], num_replicas=world, rank=rank,
-                                          shuffle=True, seed=cfg["seed"])
-    sampler.max_batches = plan["iters_per_epoch"]
-    loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
-                        pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
+    loader = train_loader(train_set, cfg, plan, info)
     val_batches = val_loader(cfg, val_set, info)
     mixup = ftdata.make_mixup(cfg, num_classes)
     criterion = ftdata.make_criterion(cfg, mixup)
+    loop = loop_config(cfg, plan, world)
+    save = checkpoint_saver(out, cfg, info, model, optimizer, scaler, state, extra=lambda: {
+        "ema": ema.module.state_dict() if ema is not None else None, "best": best, "classes": classes})
 
-    loop = LoopConfig(epochs=cfg["epochs"], iters_per_epoch=plan["iters_per_epoch"], update_freq=plan["update_freq"],
-                      lr=plan["lr"], min_lr=float(cfg["min_lr"]), warmup_steps=plan["warmup_steps"],
-                      total_steps=plan["total_steps"], images_per_iter=cfg["batch_size"] * world,
-                      print_every=cfg["print_every"], clip_grad=cfg["clip_grad"],
-                      exit_after_steps=cfg["exit_after_steps"])
-    jsonl = JsonlLogger(out / "log.jsonl", enabled=main)
-    jsonl.truncate_after("step", state.step)
-    tb = TensorBoard(cfg["log_dir"], enabled=main, purge_step=state.step or None)
-    progress = ProgressMeter(loop.epochs * loop.iters_per_epoch, loop.images_per_iter,
-                             start_step=state.epoch * loop.iters_per_epoch + state.iteration, enabled=main)
-    stop = StopRequest().install()
+    def loss_fn(model, batch):
+        images, targets = batch
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        return criterion(model(images), targets)
 
-    def save(epoch_done=None):
-        rngs = gather_rng_states()
-        if main:
-            payload = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict() if scaler is not None else None,
-                       "ema": ema.module.state_dict() if ema is not None else None,
-                       "epoch": state.epoch, "step": state.step, "run_state": state.as_dict(), "best": best,
-                       "rng": rngs, "config": cfg, "classes": classes, "world_size": world}
-            ckpt.save_checkpoint(payload, out, epoch_done=epoch_done, save_every=cfg["save_every"],
-                                 keep=cfg["keep_checkpoints"])
-        distributed.barrier()
-
-    def on_log(record):
-        jsonl.write({"type": "train", **record})
-        tb.scalars({"loss": record["loss"], "lr": record["lr"], "images_per_s": record["images_per_s"]},
-                   record["step"], prefix="train/")
+    def end_epoch(train_loss, jsonl, tb):
+        """Validate (the weights, and the EMA when asked) and log the epoch's summary."""
+        metrics = evaluate(model, val_batches, device, cfg["amp"])
+        summary = {"epoch": state.epoch + 1, "step": state.step, "train_loss": train_loss, "acc1": metrics["acc1"],
+                   "acc5": metrics["acc5"], "val_loss": metrics["loss"]}
+        if ema is not None and cfg["model_ema_eval"]:
+            ema_metrics = evaluate(ema.module, val_batches, device, cfg["amp"])
+            summary.update(ema_acc1=ema_metrics["acc1"], ema_acc5=ema_metrics["acc5"])
+        best["acc1"] = max(best["acc1"], summary["acc1"], summary.get("ema_acc1", 0.0))
+        state.history.append(summary)
+        jsonl.write({"type": "epoch", **summary})
+        tb.scalars({k: v for k, v in summary.items() if k not in ("epoch", "step")}, state.step, prefix="epoch/")
+        tb.flush()
+        log(f"epoch {state.epoch + 1}/{cfg['epochs']} done: train loss {train_loss:.4f}, val top-1 "
+            f"{metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%"
+            + (f", EMA top-1 {summary['ema_acc1']:.2f}%" if "ema_acc1" in summary else ""))
 
     log(f"training: {len(train_set)} images in {num_classes} classes, {loop.iters_per_epoch} iterations/epoch, "
         f"validation on {len(val_set)} images, output in {out}")
-    try:
-        while state.epoch < cfg["epochs"]:
-            sampler.set_epoch(state.epoch, start_batch=state.iteration)
-            train_set.set_epoch(state.epoch)
-            finished = train_one_epoch(model, loader, criterion, optimizer, scaler, state, loop, device, cfg["amp"],
-                                       stop, save, progress, on_log, mixup=mixup, ema=ema)
-            if state.iteration >= loop.iters_per_epoch:
-                _end_epoch(cfg, state, model_without_ddp, ema, val_batches, device, best, jsonl, tb)
-                save(epoch_done=state.epoch)
-            if not finished:
-                log(f"stopped by {stop.signal_name or 'request'} at epoch {state.epoch + 1}, step {state.step}; "
-                    f"checkpoint saved in {out}. Run the same command again to resume.")
-                return 0
-    except NonFiniteLossError as e:
-        last = ckpt.find_latest_checkpoint(out)
-        raise NonFiniteLossError(f"{e}. The last good checkpoint ({last or 'none yet'}) is kept; lower the "
-                                 "learning rate (--blr) or use --amp bf16/off, then run again to resume") from None
-    finally:
-        stop.restore()
-        tb.close()
+    finished = train_epochs(wrap_ddp(model, info), loader, loss_fn, optimizer, scaler, state, loop, cfg, device, save,
+                            end_epoch, after_step=ema.update if ema is not None else None)
+    if not finished:
+        return 0
     last = state.history[-1]
     log(f"done: {cfg['epochs']} epochs; final top-1 {last['acc1']:.2f}%, top-5 {last['acc5']:.2f}%"
         + (f" (EMA top-1 {last['ema_acc1']:.2f}%)" if "ema_acc1" in last else "")
         + f"; best top-1 {best['acc1']:.2f}%; checkpoints in {out}")
     return 0
-
-
-def _end_epoch(cfg, state: RunState, model, ema, val_batches, device, best, jsonl, tb) -> None:
-    """Validate (the weights, and the EMA when asked), log, then move to the next epoch."""
-    train_loss = distributed.all_reduce_mean(state.epoch_loss_sum / max(state.epoch_loss_count, 1),
-                                             device if device.type == "cuda" else None)
-    metrics = evaluate(model, val_batches, device, cfg["amp"])
-    summary = {"epoch": state.epoch + 1, "step": state.step, "train_loss": train_loss, "acc1": metrics["acc1"],
-               "acc5": metrics["acc5"], "val_loss": metrics["loss"]}
-    if ema is not None and cfg["model_ema_eval"]:
-        ema_metrics = evaluate(ema.module, val_batches, device, cfg["amp"])
-        summary.update(ema_acc1=ema_metrics["acc1"], ema_acc5=ema_metrics["acc5"])
-    best["acc1"] = max(best["acc1"], summary["acc1"], summary.get("ema_acc1", 0.0))
-    state.history.append(summary)
-    jsonl.write({"type": "epoch", **summary})
-    tb.scalars({k: v for k, v in summary.items() if k not in ("epoch", "step")}, state.step, prefix="epoch/")
-    tb.flush()
-    log(f"epoch {state.epoch + 1}/{cfg['epochs']} done: train loss {train_loss:.4f}, val top-1 "
-        f"{metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%"
-        + (f", EMA top-1 {summary['ema_acc1']:.2f}%" if "ema_acc1" in summary else ""))
-    state.epoch += 1
-    state.iteration = 0
-    state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
