@@ -212,3 +212,31 @@ def choices(folder: PathLike) -> List[str]:
     """Names (without .yaml) of the config files in a folder, sorted."""
     folder = Path(folder)
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+# ---------------------------------------------------------------- validation
+AMP_MODES = ("bf16", "fp16", "off")
+
+
+def check_int(cfg: Mapping[str, Any], key: str, minimum: int = 1) -> None:
+    """cfg[key] must be an integer >= minimum (a bool is not an integer here)."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(cfg: Mapping[str, Any], key: str, low: float, high: float, high_open: bool = False) -> None:
+    """cfg[key] must be a number in [low, high] (or [low, high) when high_open)."""
+    value = cfg[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
+        value < high if high_open else value <= high)
+    if not ok:
+        raise ConfigError(f"{key} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+
+
+def check_amp(cfg: Dict[str, Any]) -> None:
+    """Normalise cfg['amp'] to one of AMP_MODES (false/none mean 'off')."""
+    amp = str(cfg["amp"]).lower() if cfg["amp"] not in (False, None) else "off"
+    if amp not in AMP_MODES:
+        raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg['amp']!r}")
+    cfg["amp"] = amp

@@ -34,7 +34,8 @@ import sparse
 from fcmae import checkpoint as ckpt
 from fcmae import distributed
 from fcmae.config import (
-    ConfigError, apply_overrides, choices, config_root, dump_config, load_config, parse_overrides, split_positionals,
+    ConfigError, apply_overrides, check_amp, check_int, choices, config_root, dump_config, load_config, parse_overrides,
+    split_positionals,
 )
 from fcmae.data import (
     IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, ImageFolderDataset, collate_images, find_image_root,
@@ -60,7 +61,6 @@ BOOLEAN_FLAGS = ("dry_run", "norm_pix_loss", "demo_data")
 IGNORED = ("pin_mem", "no_pin_mem", "dist_url", "local_rank", "dist_on_itp", "auto_resume", "start_epoch")
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss")
-AMP_MODES = ("bf16", "fp16", "off")
 
 
 class UsageError(ValueError):
@@ -120,12 +120,6 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return cfg
 
 
-def _positive_int(cfg, key, minimum=1):
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
 def validate(cfg: Dict[str, Any]) -> None:
     """Every check that needs no data and no compute."""
     size = cfg["input_size"]
@@ -139,23 +133,20 @@ def validate(cfg: Dict[str, Any]) -> None:
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     for key in ("batch_size", "epochs", "effective_batch", "decoder_dim", "decoder_depth", "print_every"):
-        _positive_int(cfg, key)
+        check_int(cfg, key)
     for key in ("warmup_epochs", "num_workers", "save_every", "keep_checkpoints", "vis_images"):
-        _positive_int(cfg, key, 0)
+        check_int(cfg, key, 0)
     if cfg["update_freq"] not in ("auto", None):
-        _positive_int(cfg, "update_freq")
+        check_int(cfg, "update_freq")
     for key in ("world_size", "cpu_threads", "exit_after_steps"):
         if cfg[key] is not None:
-            _positive_int(cfg, key)
+            check_int(cfg, key)
     for key in ("blr",) + (("lr",) if cfg.get("lr") is not None else ()):
         if not isinstance(cfg[key], (int, float)) or cfg[key] <= 0:
             raise UsageError(f"{key} must be a positive number, got {cfg[key]!r}")
     if cfg["warmup_epochs"] > cfg["epochs"]:
         raise UsageError(f"warmup_epochs ({cfg['warmup_epochs']}) exceeds epochs ({cfg['epochs']})")
-    amp = str(cfg["amp"]).lower() if cfg["amp"] not in (False, None) else "off"
-    if amp not in AMP_MODES:
-        raise UsageError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg['amp']!r}")
-    cfg["amp"] = amp
+    check_amp(cfg)
     if cfg["backend"] not in sparse.BACKENDS:
         raise UsageError(f"unknown backend {cfg['backend']!r}; choose one of: {', '.join(sparse.BACKENDS)}")
     if not 0 <= float(cfg["max_bad_fraction"]) < 1:

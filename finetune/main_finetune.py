@@ -32,7 +32,8 @@ import sparse
 from fcmae import checkpoint as ckpt
 from fcmae import distributed
 from fcmae.config import (
-    ConfigError, apply_overrides, config_root, dump_config, load_config, parse_overrides, split_positionals,
+    ConfigError, apply_overrides, check_amp, check_int, check_number, config_root, dump_config, load_config,
+    parse_overrides, split_positionals,
 )
 from fcmae.data import DataError
 from fcmae.engine import NonFiniteLossError, RunState, grad_scaler
@@ -61,7 +62,6 @@ IGNORED = ("pin_mem", "no_pin_mem", "dist_eval", "dist_on_itp", "auto_resume", "
 IGNORED_WITH_VALUE = ("data_set", "dist_url", "local_rank", "start_epoch")
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "num_classes")
-AMP_MODES = ("bf16", "fp16", "off")
 _BOOL_WORDS = {"true": "true", "false": "false", "1": "true", "0": "false", "yes": "true", "no": "false"}
 
 
@@ -139,20 +139,6 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return cfg
 
 
-def _int(cfg, key, minimum=1):
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _number(cfg, key, low, high, high_open=False):
-    value = cfg[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
-        value < high if high_open else value <= high)
-    if not ok:
-        raise UsageError(f"{key} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
-
-
 def validate(cfg: Dict[str, Any]) -> None:
     """Every check that needs no data and no compute."""
     try:
@@ -160,24 +146,24 @@ def validate(cfg: Dict[str, Any]) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     for key in ("input_size", "batch_size", "epochs", "effective_batch", "print_every"):
-        _int(cfg, key)
+        check_int(cfg, key)
     for key in ("warmup_epochs", "num_workers", "save_every", "keep_checkpoints"):
-        _int(cfg, key, 0)
+        check_int(cfg, key, 0)
     for key in ("world_size", "exit_after_steps", "num_classes"):
         if cfg[key] is not None:
-            _int(cfg, key)
+            check_int(cfg, key)
     if cfg["update_freq"] not in ("auto", None):
-        _int(cfg, "update_freq")
+        check_int(cfg, "update_freq")
     for key in ("blr",) + (("lr",) if cfg.get("lr") is not None else ()):
-        _number(cfg, key, 1e-12, float("inf"))
-    _number(cfg, "drop_path", 0.0, 1.0, high_open=True)
-    _number(cfg, "layer_decay", 1e-6, 1.0)
-    _number(cfg, "smoothing", 0.0, 1.0, high_open=True)
-    _number(cfg, "reprob", 0.0, 1.0)
-    _number(cfg, "crop_pct", 0.05, 1.0)
-    _number(cfg, "model_ema_decay", 0.0, 1.0, high_open=True)
+        check_number(cfg, key, 1e-12, float("inf"))
+    check_number(cfg, "drop_path", 0.0, 1.0, high_open=True)
+    check_number(cfg, "layer_decay", 1e-6, 1.0)
+    check_number(cfg, "smoothing", 0.0, 1.0, high_open=True)
+    check_number(cfg, "reprob", 0.0, 1.0)
+    check_number(cfg, "crop_pct", 0.05, 1.0)
+    check_number(cfg, "model_ema_decay", 0.0, 1.0, high_open=True)
     for key in ("mixup", "cutmix", "weight_decay", "min_lr", "head_init_scale"):
-        _number(cfg, key, 0.0, float("inf"))
+        check_number(cfg, key, 0.0, float("inf"))
     if cfg["layer_decay_type"] not in LAYER_DECAY_TYPES:
         raise UsageError(f"layer_decay_type must be one of {', '.join(LAYER_DECAY_TYPES)}, "
                          f"got {cfg['layer_decay_type']!r}")
@@ -185,10 +171,7 @@ def validate(cfg: Dict[str, Any]) -> None:
         raise UsageError(f"warmup_epochs ({cfg['warmup_epochs']}) exceeds epochs ({cfg['epochs']})")
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
         raise UsageError(f"Mixup/CutMix need an even batch_size, got {cfg['batch_size']}")
-    amp = str(cfg["amp"]).lower() if cfg["amp"] not in (False, None) else "off"
-    if amp not in AMP_MODES:
-        raise UsageError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg['amp']!r}")
-    cfg["amp"] = amp
+    check_amp(cfg)
     if cfg["finetune"] is not None and not Path(cfg["finetune"]).is_file():
         raise UsageError(f"checkpoint not found: {cfg['finetune']} (give an FCMAE checkpoint, a file written by "
                          "fcmae-convert, or `none` to train from scratch)")
