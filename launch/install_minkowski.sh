@@ -55,7 +55,12 @@ if [[ "$VARIANT" == "cuda" ]]; then
     NVCC_VERSION="$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')"
     say "nvcc $NVCC_VERSION at $CUDA_HOME (torch built with CUDA $TORCH_CUDA)"
     [[ "${NVCC_VERSION%%.*}" == "${TORCH_CUDA%%.*}" ]] || die "nvcc $NVCC_VERSION and torch's CUDA $TORCH_CUDA differ in major version"
+    [[ -f "$CUDA_HOME/include/cuda_runtime.h" ]] || die "$CUDA_HOME/include/cuda_runtime.h not found (nvcc may be a wrapper): set CUDA_HOME to the toolkit directory, e.g. /usr/local/cuda-13.0"
     export CUDA_HOME
+    # CUDA >= 13 keeps thrust/cub under include/cccl; ME's plain .cpp files include thrust too.
+    if [[ -d "$CUDA_HOME/include/cccl" ]]; then
+        export CPATH="$CUDA_HOME/include/cccl${CPATH:+:$CPATH}"
+    fi
     if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
         TORCH_CUDA_ARCH_LIST="$("$PYTHON" -c 'import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f"{c[0]}.{c[1]}" if c else "")')"
         [[ -n "$TORCH_CUDA_ARCH_LIST" ]] || die "no GPU visible: set TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0\") for the GPUs you will run on"

@@ -49,7 +49,7 @@ BLAS_SEARCH_NEW = """else:
 
 """
 
-# (file, anchor text, replacement, reason, applies to CUDA builds only)
+# (file, anchor text, replacement, reason, applies to CUDA builds only[, occurrences of the anchor])
 EDITS = [
     (
         "setup.py",
@@ -131,6 +131,71 @@ EDITS = [
         True,
     ),
     (
+        "src/coordinate_map_gpu.cuh",
+        """      m_map = map_type::create(
+          compute_hash_table_size(size, m_hashtable_occupancy),
+          m_unused_element, m_unused_key, m_hasher, m_equal, m_map_allocator);
+""",
+        """      {
+        // patched: build the shared_ptr from the raw pointer and deleter.
+        // Converting the unique_ptr makes libstdc++'s unqualified
+        // __to_address ambiguous with cuda::std's (CUDA 13: thrust::pair is
+        // cuda::std::pair, an associated namespace of map_type).
+        auto created = map_type::create(
+            compute_hash_table_size(size, m_hashtable_occupancy),
+            m_unused_element, m_unused_key, m_hasher, m_equal, m_map_allocator);
+        auto deleter = created.get_deleter();
+        m_map = std::shared_ptr<map_type>(created.release(), deleter);
+      }
+""",
+        "shared_ptr from unique_ptr: ambiguous std::__to_address vs cuda::std::__to_address (CUDA 13)",
+        True,
+    ),
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "#include <type_traits>\n",
+        """#include <type_traits>
+
+// patched: CUDA 13 changed cudaMemPrefetchAsync to take a cudaMemLocation and flags.
+inline cudaError_t me_mem_prefetch_async(const void* ptr, size_t count, int device,
+                                         cudaStream_t stream) {
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 13000
+  cudaMemLocation location{};
+  location.type = cudaMemLocationTypeDevice;
+  location.id = device;
+  return cudaMemPrefetchAsync(ptr, count, location, 0, stream);
+#else
+  return cudaMemPrefetchAsync(ptr, count, device, stream);
+#endif
+}
+""",
+        "cudaMemPrefetchAsync's signature changed in CUDA 13 (helper)",
+        True,
+    ),
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "cudaMemPrefetchAsync(m_hashtbl_values, m_capacity * sizeof(value_type), dev_id, stream)",
+        "me_mem_prefetch_async(m_hashtbl_values, m_capacity * sizeof(value_type), dev_id, stream)",
+        "cudaMemPrefetchAsync's signature changed in CUDA 13 (calls)",
+        True,
+        2,
+    ),
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "cudaMemPrefetchAsync(this, sizeof(*this), dev_id, stream)",
+        "me_mem_prefetch_async(this, sizeof(*this), dev_id, stream)",
+        "cudaMemPrefetchAsync's signature changed in CUDA 13 (calls)",
+        True,
+    ),
+    (
+        "src/spmm.cu",
+        "#include <ATen/cuda/CUDAContext.h>\n#include <ATen/cuda/CUDAUtils.h>\n",
+        "#include <torch/extension.h>  // patched: first; torch 2.14's CUDAUtils.h needs a complete at::Tensor\n"
+        "#include <ATen/cuda/CUDAContext.h>\n#include <ATen/cuda/CUDAUtils.h>\n",
+        "torch >= 2.1x: ATen/cuda/CUDAUtils.h uses at::Tensor without including it",
+        True,
+    ),
+    (
         "src/gpu.cuh",
         '#include "utils.hpp"\n',
         '#include "utils.hpp"\n\n' + THRUST_INCLUDES,
@@ -159,7 +224,9 @@ EDITS = [
 
 def apply(root: pathlib.Path, cuda: bool) -> int:
     changed = 0
-    for rel, old, new, reason, cuda_only in EDITS:
+    for edit in EDITS:
+        rel, old, new, reason, cuda_only = edit[:5]
+        expected = edit[5] if len(edit) > 5 else 1  # occurrences of the anchor
         if cuda_only and not cuda:
             continue
         path = root / rel
@@ -169,8 +236,8 @@ def apply(root: pathlib.Path, cuda: bool) -> int:
         if new in text:
             print(f"patch: already applied: {rel}: {reason}")
             continue
-        if text.count(old) != 1:
-            sys.exit(f"patch: anchor for {rel!r} found {text.count(old)} times (expected 1): is this ME 0.5.4?")
+        if text.count(old) != expected:
+            sys.exit(f"patch: anchor for {rel!r} found {text.count(old)} times (expected {expected}): is this ME 0.5.4?")
         path.write_text(text.replace(old, new))
         changed += 1
         print(f"patch: {rel}: {reason}")
