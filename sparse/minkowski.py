@@ -33,7 +33,7 @@ differentiably, so a checkpoint is the same state dict for every backend and
 no conversion is ever needed when loading.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
