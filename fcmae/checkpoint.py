@@ -113,15 +113,27 @@ def save_checkpoint(
             tmp.unlink(missing_ok=True)
             save_atomic(state, numbered)
         written.append(numbered)
-        prune_checkpoints(output_dir, keep)
+        prune_checkpoints(output_dir, keep, protect=numbered)
     return written
 
 
-def prune_checkpoints(output_dir: PathLike, keep: int) -> None:
-    """Delete all but the newest `keep` numbered checkpoints (keep <= 0: delete none)."""
+def prune_checkpoints(output_dir: PathLike, keep: int, protect: Optional[PathLike] = None) -> None:
+    """Delete all but the newest `keep` numbered checkpoints (keep <= 0: delete none).
+
+    `protect` (the checkpoint just written) is always kept and counts as one
+    of the `keep`, even when files of higher epochs are left over from an
+    earlier run in the same directory (e.g. after resuming from an older
+    checkpoint, or with --resume none).
+    """
     if keep <= 0:
         return
-    for old in numbered_checkpoints(output_dir)[:-keep]:
+    found = numbered_checkpoints(output_dir)
+    if protect is not None:
+        protect = Path(protect)
+        others = [p for p in found if p.name != protect.name]
+        if len(others) < len(found):
+            found, keep = others, keep - 1
+    for old in (found[:-keep] if keep > 0 else found):
         old.unlink(missing_ok=True)
 
 

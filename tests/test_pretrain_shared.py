@@ -77,6 +77,16 @@ def test_reference_flags_and_plan():
     assert plan["total_steps"] == 800 * plan["steps_per_epoch"]
 
 
+def test_reference_flags_that_take_values_are_accepted():
+    # The reference release's main_pretrain.py declares these with values (str2bool / int / str).
+    cfg = resolve_config(["--model", "convnextv2_atto", "--data_path", "/d", "--pin_mem", "True",
+                          "--auto_resume", "true", "--dist_url", "env://", "--local_rank", "0", "--start_epoch", "0",
+                          "--dist_on_itp", "False", "--norm_pix_loss", "--local-rank=1", "--epochs", "5"])
+    assert (cfg["size"], cfg["data_path"], cfg["epochs"], cfg["norm_pix_loss"]) == ("atto", "/d", 5, True)
+    assert not any(k in cfg for k in ("pin_mem", "auto_resume", "dist_url", "local_rank", "start_epoch"))
+    assert resolve_config(["atto", "800ep", "--data_path", "/d", "--dry_run", "false"])["dry_run"] is False
+
+
 # ---------------------------------------------------------------- checkpoints
 def test_atomic_save_never_destroys_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint-last.pth"
@@ -104,6 +114,21 @@ def test_keep_newest_and_find_latest(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "checkpoint-0004.pth")["epoch"] == 4  # not changed by later saves
     (tmp_path / "checkpoint-last.pth").unlink()
     assert ckpt.find_latest_checkpoint(tmp_path).name == "checkpoint-0004.pth"
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    # Checkpoints of higher epochs left from an earlier run (a rollback with --resume PATH, or --resume none):
+    # the epoch checkpoint this run just wrote must survive pruning.
+    for epoch in (8, 10):
+        ckpt.save_atomic({"epoch": epoch, "old": True}, tmp_path / f"checkpoint-{epoch:04d}.pth")
+    written = ckpt.save_checkpoint({"epoch": 4}, tmp_path, epoch_done=4, save_every=2, keep=1)
+    assert written[-1].name == "checkpoint-0004.pth" and written[-1].is_file()
+    assert [p.name for p in ckpt.numbered_checkpoints(tmp_path)] == ["checkpoint-0004.pth"]
+    assert ckpt.load_checkpoint(written[-1])["epoch"] == 4
+    ckpt.save_atomic({"epoch": 10, "old": True}, tmp_path / "checkpoint-0010.pth")
+    ckpt.save_checkpoint({"epoch": 6}, tmp_path, epoch_done=6, save_every=2, keep=2)
+    assert [p.name for p in ckpt.numbered_checkpoints(tmp_path)] == ["checkpoint-0006.pth", "checkpoint-0010.pth"]
+    assert (tmp_path / "checkpoint-last.pth").is_file()
 
 
 def test_broken_checkpoints_give_clear_errors(tmp_path):
