@@ -240,3 +240,34 @@ def check_amp(cfg: Dict[str, Any]) -> None:
     if amp not in AMP_MODES:
         raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg['amp']!r}")
     cfg["amp"] = amp
+
+
+# ---------------------------------------------------------------- reference release's flag style
+_BOOL_WORDS = {"true": "true", "false": "false", "1": "true", "0": "false", "yes": "true", "no": "false"}
+
+
+def normalise_reference_flags(argv: Sequence[str], boolean_flags: Sequence[str],
+                              ignored_with_value: Sequence[str] = ()) -> List[str]:
+    """Rewrite the reference release's flag style for `parse_overrides`.
+
+    `--pin_mem True` (a boolean flag followed by a boolean word) becomes
+    `--pin_mem=true`; flags in `ignored_with_value` are removed together with
+    their value (`--dist_url env://`, `--local_rank=0`).
+    """
+    out, i = [], 0
+    while i < len(argv):
+        item = argv[i]
+        name = item[2:].replace("-", "_") if item.startswith("--") and "=" not in item else None
+        if name in ignored_with_value:
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
+            continue
+        if item.startswith("--") and item[2:].partition("=")[0].replace("-", "_") in ignored_with_value:
+            i += 1
+            continue
+        if name in boolean_flags and i + 1 < len(argv) and argv[i + 1].lower() in _BOOL_WORDS:
+            out.append(f"{item}={_BOOL_WORDS[argv[i + 1].lower()]}")
+            i += 2
+            continue
+        out.append(item)
+        i += 1
+    return out

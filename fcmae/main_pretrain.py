@@ -28,14 +28,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms
 
 import sparse
 from fcmae import checkpoint as ckpt
 from fcmae import distributed
 from fcmae.config import (
-    ConfigError, apply_overrides, check_amp, check_int, choices, config_root, dump_config, load_config, parse_overrides,
-    split_positionals,
+    ConfigError, apply_overrides, check_amp, check_int, choices, config_root, dump_config, load_config,
+    normalise_reference_flags, parse_overrides, split_positionals,
 )
 from fcmae.data import (
     IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, ImageFolderDataset, collate_images, find_image_root,
@@ -58,7 +59,9 @@ ALIASES = {
 }
 BOOLEAN_FLAGS = ("dry_run", "norm_pix_loss", "demo_data")
 # Reference flags that have no meaning here; accepted so documented commands keep working.
-IGNORED = ("pin_mem", "no_pin_mem", "dist_url", "local_rank", "dist_on_itp", "auto_resume", "start_epoch")
+IGNORED = ("pin_mem", "no_pin_mem", "dist_on_itp", "auto_resume")
+# Ignored reference flags that take a value (`--dist_url env://`, `--local_rank 0`, `--start_epoch 0`).
+IGNORED_WITH_VALUE = ("dist_url", "local_rank", "start_epoch")
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss")
 
@@ -80,8 +83,9 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         sys.exit(0)
     positionals, rest = split_positionals(argv, 2)
     flags = BOOLEAN_FLAGS + IGNORED
-    overrides = parse_overrides(rest, ALIASES, flags)
-    for key in IGNORED:
+    argv_overrides = normalise_reference_flags(rest, BOOLEAN_FLAGS + IGNORED, IGNORED_WITH_VALUE)
+    overrides = parse_overrides(argv_overrides, ALIASES, flags)
+    for key in IGNORED + IGNORED_WITH_VALUE:
         overrides.pop(key, None)
     extra_files = overrides.pop("config", None) or []
     if isinstance(extra_files, str):
@@ -263,7 +267,7 @@ def vis_batch(dataset: ImageFolderDataset, cfg: Dict[str, Any]) -> Optional[torc
     for i in np.linspace(0, len(dataset) - 1, count).round().astype(int):
         try:
             images.append(tf(dataset.load(int(i))))
-        except OSError:
+        except (OSError, ValueError, Image.DecompressionBombError):  # what the training set skips, too
             continue
     return torch.stack(images) if images else None
 

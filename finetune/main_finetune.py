@@ -24,7 +24,7 @@ log.jsonl work as in pre-training.
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from torch.utils.data import DataLoader
 
@@ -33,7 +33,7 @@ from fcmae import checkpoint as ckpt
 from fcmae import distributed
 from fcmae.config import (
     ConfigError, apply_overrides, check_amp, check_int, check_number, config_root, dump_config, load_config,
-    parse_overrides, split_positionals,
+    normalise_reference_flags, parse_overrides, split_positionals,
 )
 from fcmae.data import DataError
 from fcmae.engine import NonFiniteLossError, RunState, grad_scaler
@@ -62,33 +62,11 @@ IGNORED = ("pin_mem", "no_pin_mem", "dist_eval", "dist_on_itp", "auto_resume", "
 IGNORED_WITH_VALUE = ("data_set", "dist_url", "local_rank", "start_epoch")
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "num_classes")
-_BOOL_WORDS = {"true": "true", "false": "false", "1": "true", "0": "false", "yes": "true", "no": "false"}
 
 
 # ---------------------------------------------------------------- config
 def finetune_config_dir() -> Path:
     return config_root() / "finetune"
-
-
-def _join_boolean_values(argv: List[str]) -> List[str]:
-    """`--model_ema true` (the reference release's style) -> `--model_ema=true`; ignored flags removed."""
-    out, i = [], 0
-    while i < len(argv):
-        item = argv[i]
-        name = item[2:].replace("-", "_") if item.startswith("--") and "=" not in item else None
-        if name in IGNORED_WITH_VALUE:
-            i += 2
-            continue
-        if item.startswith("--") and item[2:].partition("=")[0].replace("-", "_") in IGNORED_WITH_VALUE:
-            i += 1
-            continue
-        if name in BOOLEAN_FLAGS + IGNORED and i + 1 < len(argv) and argv[i + 1].lower() in _BOOL_WORDS:
-            out.append(f"{item}={_BOOL_WORDS[argv[i + 1].lower()]}")
-            i += 2
-            continue
-        out.append(item)
-        i += 1
-    return out
 
 
 def resolve_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -98,7 +76,8 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(__doc__)
         sys.exit(0)
     positionals, rest = split_positionals(argv, 2)
-    overrides = parse_overrides(_join_boolean_values(rest), ALIASES, BOOLEAN_FLAGS + IGNORED)
+    argv_overrides = normalise_reference_flags(rest, BOOLEAN_FLAGS + IGNORED, IGNORED_WITH_VALUE)
+    overrides = parse_overrides(argv_overrides, ALIASES, BOOLEAN_FLAGS + IGNORED)
     for key in IGNORED:
         overrides.pop(key, None)
     if "use_amp" in overrides:

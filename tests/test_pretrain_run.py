@@ -240,6 +240,20 @@ def test_unreadable_images_are_skipped_once_then_too_many_stop(image_dir, tmp_pa
     expect_usage_error(tiny_args(data, tmp_path / "o2", "--max_bad_fraction", "0.1"), "unreadable", capsys)
 
 
+def test_reconstruction_batch_skips_images_the_training_set_skips(tmp_path, monkeypatch):
+    from fcmae.data import ImageFolderDataset
+
+    write_images(tmp_path / "train", 3, size=16)
+    write_images(tmp_path / "train" / "z", 1, size=72)  # the last file; 72 x 72 > 2 x MAX_IMAGE_PIXELS below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    dataset = ImageFolderDataset(tmp_path / "train")
+    assert dataset[3][1] and "DecompressionBombError" in dataset[3][1][0][1]  # skipped in training
+    cfg = main_pretrain.resolve_config(["atto", "demo", "--data_path", str(tmp_path), "--input_size", "64",
+                                        "--vis_images", "4"])
+    batch = main_pretrain.vis_batch(dataset, cfg)  # and skipped in the picture, not a crash at start
+    assert batch.shape == (3, 3, 64, 64)
+
+
 def test_gradient_accumulation_resume_is_exact(image_dir, tmp_path, capsys):
     # batch 2 per iteration, effective 4: update_freq 2, 6 optimizer steps per epoch.
     accum = ("--batch_size", "2", "--effective_batch", "4")

@@ -81,8 +81,8 @@ def test_reference_flags_that_take_values_are_accepted():
     # The reference release's main_pretrain.py declares these with values (str2bool / int / str).
     cfg = resolve_config(["--model", "convnextv2_atto", "--data_path", "/d", "--pin_mem", "True",
                           "--auto_resume", "true", "--dist_url", "env://", "--local_rank", "0", "--start_epoch", "0",
-                          "--dist_on_itp", "False", "--norm_pix_loss", "--local-rank=1", "--epochs", "5"])
-    assert (cfg["size"], cfg["data_path"], cfg["epochs"], cfg["norm_pix_loss"]) == ("atto", "/d", 5, True)
+                          "--dist_on_itp", "False", "--norm_pix_loss", "--local-rank=1", "--epochs", "50"])
+    assert (cfg["size"], cfg["data_path"], cfg["epochs"], cfg["norm_pix_loss"]) == ("atto", "/d", 50, True)
     assert not any(k in cfg for k in ("pin_mem", "auto_resume", "dist_url", "local_rank", "start_epoch"))
     assert resolve_config(["atto", "800ep", "--data_path", "/d", "--dry_run", "false"])["dry_run"] is False
 
