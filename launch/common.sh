@@ -67,9 +67,19 @@ fcmae_launch() {
         fi
     fi
 
-    local dry=0 arg
-    for arg in "$@"; do
-        [[ "$arg" == "--dry_run" || "$arg" == "--dry-run" || "$arg" == "--dry_run=true" ]] && dry=1
+    # --dry_run, --dry_run true/1/yes or --dry_run=true; `--dry_run false` is a real run.
+    local dry=0 args=("$@") i next
+    for (( i = 0; i < ${#args[@]}; i++ )); do
+        case "${args[i],,}" in
+            --dry_run=true|--dry-run=true|--dry_run=1|--dry-run=1) dry=1 ;;
+            --dry_run|--dry-run)
+                next="${args[i + 1]:-}"
+                case "${next,,}" in
+                    false|0|no) ;;
+                    *) dry=1 ;;
+                esac
+                ;;
+        esac
     done
 
     echo "launch: ${launcher}, ${nnodes} node(s) x ${nproc} process(es) = world size ${world}" \

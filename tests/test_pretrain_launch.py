@@ -74,3 +74,15 @@ def test_ddp_two_cpu_processes(tmp_path):
     state = ckpt.load_checkpoint(out / "checkpoint-last.pth")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each process its own masks
+
+
+def test_dry_run_false_is_a_real_run(tmp_path):
+    """`--dry_run false` must not be taken for a dry run by the launcher."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "x.jpg").write_bytes(b"")
+    dry = launch("atto", "800ep", "--data_path", tmp_path, "--dry_run", "true", "--output_dir", tmp_path / "out")
+    assert dry.returncode == 0 and "dry run: nothing was trained" in dry.stdout
+    real = launch("atto", "800ep", "--data_path", tmp_path, "--dry_run", "false", "--output_dir", tmp_path / "out")
+    assert "dry run: nothing was trained" not in real.stdout
+    assert real.returncode != 0, "one empty image cannot fill a batch: the real run must stop with an error"
+    assert "batch" in real.stderr.lower() or "image" in real.stderr.lower(), real.stderr
