@@ -183,11 +183,18 @@ class _VisibleDepthwiseConv(torch.autograd.Function):
 class MaskedDenseSites(Sites):
     """Dense (N, H, W, C) maps; masked sites zeroed around every spatial op."""
 
+    def __init__(self, visible: torch.Tensor):
+        super().__init__(visible)
+        self._multipliers = {}  # (sites per patch, dtype) -> (N, H, W, 1) 0/1 tensor
+
     def _visible_at(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, 1) 0/1 multiplier at the resolution of channels-last x."""
+        """(N, H, W, 1) 0/1 multiplier at the resolution of channels-last x (made once per stage)."""
         p = x.shape[1] // self.grid_h
-        vis = self.visible.repeat_interleave(p, 1).repeat_interleave(p, 2)
-        return vis.unsqueeze(-1).to(x.dtype)
+        key = (p, x.dtype)
+        if key not in self._multipliers:
+            vis = self.visible.repeat_interleave(p, 1).repeat_interleave(p, 2)
+            self._multipliers[key] = vis.unsqueeze(-1).to(x.dtype)
+        return self._multipliers[key]
 
     def zero_masked(self, x):
         return x * self._visible_at(x)

@@ -30,6 +30,13 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """Max abs error <= rel x the largest magnitude of `expected` (a scale-aware tolerance)."""
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual - expected).abs().max()
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
+
+
 def random_mask(batch: int, num_patches: int, num_masked: int, seed: int) -> torch.Tensor:
     """(N, L) float mask, 1 = masked, exactly num_masked masked patches per image."""
     gen = torch.Generator().manual_seed(seed)

@@ -19,19 +19,13 @@ from timm.models.convnext import ConvNeXt
 import sparse
 from finetune.convert import to_timm
 from sparse.sizes import MODEL_SIZES
-from tests.helpers import TINY_DEPTHS, TINY_DIMS, random_mask, randomize_
+from tests.helpers import TINY_DEPTHS, TINY_DIMS, assert_close, random_mask, randomize_
 
 CONFIGS = {
     # name: (size, depths, dims, image height, image width)
     "atto": ("atto", None, None, 96, 96),
     "custom": ("atto", TINY_DEPTHS, TINY_DIMS, 64, 96),
 }
-
-
-def assert_close(actual, expected, rel=1e-5):
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = (actual - expected).abs().max()
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
 
 
 def make_encoder(config, seed, backend="torch"):
