@@ -125,16 +125,6 @@ def _split(key: str) -> List[str]:
     return key.split(".")
 
 
-def get_key(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """Value at a dotted key, or ``default``."""
-    node: Any = cfg
-    for part in _split(key):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def apply_overrides(
     cfg: Mapping[str, Any], overrides: Mapping[str, Any], allow_new: bool = False
 ) -> Dict[str, Any]:

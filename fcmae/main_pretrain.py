@@ -44,7 +44,7 @@ from fcmae.data import (
 )
 from fcmae.engine import NonFiniteLossError, RunState, autocast_context, build_optimizer, grad_scaler
 from fcmae.logging_utils import log
-from fcmae.masking import PATCH_SIZE, check_mask_ratio
+from fcmae.masking import PATCH_SIZE, check_mask_ratio, num_kept
 from fcmae.model import build_fcmae
 from fcmae.training import (
     checkpoint_saver, find_resume, loop_config, restore, seed_everything, train_epochs, train_loader, wrap_ddp,
@@ -83,7 +83,7 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         sys.exit(0)
     positionals, rest = split_positionals(argv, 2)
     flags = BOOLEAN_FLAGS + IGNORED
-    argv_overrides = normalise_reference_flags(rest, BOOLEAN_FLAGS + IGNORED, IGNORED_WITH_VALUE)
+    argv_overrides = normalise_reference_flags(rest, flags, IGNORED_WITH_VALUE)
     overrides = parse_overrides(argv_overrides, ALIASES, flags)
     for key in IGNORED + IGNORED_WITH_VALUE:
         overrides.pop(key, None)
@@ -199,7 +199,7 @@ def make_plan(cfg: Dict[str, Any], world_size: int, num_images: Optional[int] = 
 def format_plan(cfg: Dict[str, Any], plan: Dict[str, Any], data: str) -> str:
     depths, dims = sparse.sizes.resolve_arch(cfg["size"], cfg.get("depths"), cfg.get("dims"))
     grid = cfg["input_size"] // PATCH_SIZE
-    kept = int(grid * grid * (1 - cfg["mask_ratio"]))
+    kept = num_kept(grid * grid, cfg["mask_ratio"])
     lines = [
         "FCMAE pre-training plan",
         f"  model            convnextv2_{cfg['size']} (depths {list(depths)}, dims {list(dims)}), "

@@ -23,6 +23,11 @@ import sparse
 from fcmae.masking import PATCH_SIZE, check_mask_ratio, patchify, random_mask, unpatchify
 
 
+def _patch_mean_std(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std (unbiased variance + 1e-6) of (N, L, D) patches: norm_pix_loss's statistics."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+
+
 class FCMAE(nn.Module):
     def __init__(
         self,
@@ -99,9 +104,8 @@ class FCMAE(nn.Module):
         """(N, L, p*p*3) patches, normalised per patch when norm_pix_loss."""
         target = patchify(imgs, self.patch_size)
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            mean, std = _patch_mean_std(target)
+            target = (target - mean) / std
         return target
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -130,9 +134,7 @@ class FCMAE(nn.Module):
         """Predictions as images in the input's space (per-patch statistics of `imgs` put back)."""
         pred = pred.float()
         if self.norm_pix_loss:
-            target = patchify(imgs.float(), self.patch_size)
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+            mean, std = _patch_mean_std(patchify(imgs.float(), self.patch_size))
             pred = pred * std + mean
         return self.unpatchify(pred, imgs)
 

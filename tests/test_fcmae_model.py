@@ -127,6 +127,16 @@ def test_prediction_ignores_visible_content_at_masked_sites():
         _, p1, _ = model(imgs, mask)
         _, p2, _ = model(edited, mask)
     assert torch.allclose(p1, p2)  # masked pixels never reach the predictions
+    edited[:, :, :32, 32:] = 5.0  # patch 1: visible
+    with torch.no_grad():
+        _, p3, _ = model(edited, mask)
+    assert not torch.allclose(p1, p3)  # ... while visible pixels do (the test above is not vacuous)
+
+
+def test_a_mask_that_hides_nothing_is_refused():
+    model = tiny_model(img_size=64, mask_ratio=0.5)
+    with pytest.raises(ValueError, match="hides no patch"):
+        model(torch.randn(1, 3, 64, 64), torch.zeros(1, 4))
 
 
 def test_masked_sites_get_the_mask_token():
@@ -183,7 +193,12 @@ def test_reconstruct_inverts_patch_normalisation():
     model = tiny_model(img_size=64, mask_ratio=0.5)
     imgs = torch.randn(2, 3, 64, 64)
     target = model.target(imgs)  # a perfect prediction in normalised space
+    assert torch.allclose(target.mean(-1), torch.zeros(2, 4), atol=1e-5)  # normalised per patch
+    assert torch.allclose(target.var(-1), torch.ones(2, 4), atol=1e-3)
     assert torch.allclose(model.reconstruct(imgs, target), imgs, atol=1e-4)
+    raw = tiny_model(img_size=64, mask_ratio=0.5, norm_pix_loss=False)
+    assert torch.equal(raw.target(imgs), patchify(imgs))
+    assert torch.equal(raw.reconstruct(imgs, patchify(imgs)), imgs)
 
 
 def test_overfits_one_batch(one_thread):

@@ -103,6 +103,10 @@ def test_resume_after_preemption_mid_epoch_is_exact(image_dir, tmp_path, referen
     assert "resumed from" in capsys.readouterr().out
     assert train_losses(out) == train_losses(reference_run)
     assert epoch_losses(out) == epoch_losses(reference_run)
+    last = (out / "checkpoint-last.pth").read_bytes()
+    assert run(tiny_args(image_dir, out)) == 0  # the same command once more: nothing left to do
+    assert "nothing to do: 2 of 2 epochs already done" in capsys.readouterr().out
+    assert (out / "checkpoint-last.pth").read_bytes() == last and train_losses(out) == train_losses(reference_run)
 
 
 def test_resume_from_epoch_checkpoint_after_a_kill_is_exact(image_dir, tmp_path, reference_run):

@@ -16,7 +16,7 @@ from fcmae.data import ImageFolderDataset, ResumableDistributedSampler, list_ima
 from fcmae.demo_data import demo_classification_folder, demo_pretrain_folder
 from fcmae.logging_utils import JsonlLogger, ProgressMeter, read_jsonl
 from fcmae.lr_sched import cosine_lr, set_lr
-from fcmae.main_pretrain import make_plan, resolve_config
+from fcmae.main_pretrain import format_plan, make_plan, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
@@ -75,6 +75,11 @@ def test_reference_flags_and_plan():
     plan = make_plan(auto, 8, num_images=1_281_167)
     assert plan["steps_per_epoch"] == 1_281_167 // 8 // 32 // 16
     assert plan["total_steps"] == 800 * plan["steps_per_epoch"]
+    text = format_plan(auto, plan, "/d")
+    for part in ("convnextv2_huge (depths [3, 3, 27, 3], dims [352, 704, 1408, 2816])", "224x224, mask ratio 0.6",
+                 "(19 of 49 patches visible)", "accumulation     16", "effective batch  4096 (= 32 x 8 x 16",
+                 f"{plan['steps_per_epoch']} optimizer steps/epoch", "(1281167 images)"):
+        assert part in text, text
 
 
 def test_reference_flags_that_take_values_are_accepted():
