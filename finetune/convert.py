@@ -200,12 +200,17 @@ def _vector(value: torch.Tensor) -> torch.Tensor:
     return value.reshape(-1)
 
 
+def _drop_reason(key: str) -> str:
+    """Why a key outside the encoder of an FCMAE checkpoint is left out."""
+    return DECODER_REASON if key.startswith(DECODER_PREFIXES) else "not part of the encoder"
+
+
 def reference_fcmae_to_reference(state_dict: StateDict) -> Tuple[StateDict, Dict[str, str]]:
     """Reference FCMAE (MinkowskiEngine layout) -> reference dense layout; returns (weights, dropped)."""
     out, dropped = {}, {}
     for key, value in state_dict.items():
         if not key.startswith("encoder."):
-            dropped[key] = DECODER_REASON if key.startswith(DECODER_PREFIXES) else "not part of the encoder"
+            dropped[key] = _drop_reason(key)
             continue
         k = key[len("encoder."):]
         if k.endswith(".kernel"):
@@ -350,16 +355,15 @@ def convert(obj, conv_mlp: Optional[bool] = None, size: Optional[str] = None) ->
         weights = reference_to_timm(state_dict)
     elif source == "reference":
         weights = reference_to_timm(state_dict)
-    else:  # fcmae / encoder: already timm names
-        if source == "fcmae":
-            weights = {}
-            for key, value in state_dict.items():
-                if key.startswith("encoder."):
-                    weights[key[len("encoder."):]] = value
-                else:
-                    dropped[key] = DECODER_REASON if key.startswith(DECODER_PREFIXES) else "not part of the encoder"
-        else:
-            weights = dict(state_dict)
+    elif source == "fcmae":  # timm names under encoder.
+        weights = {}
+        for key, value in state_dict.items():
+            if key.startswith("encoder."):
+                weights[key[len("encoder."):]] = value
+            else:
+                dropped[key] = _drop_reason(key)
+    else:  # encoder: already timm names
+        weights = dict(state_dict)
     for key in [k for k in weights if k.startswith("head.") and source in ("fcmae", "reference-fcmae")]:
         dropped[key] = "not part of the encoder"
         del weights[key]

@@ -13,7 +13,7 @@ sees the same images.
 import os
 import random
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 from PIL import Image
@@ -164,10 +164,8 @@ def make_criterion(cfg, mixup) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
-def demo_root(cfg, build: bool = True) -> Optional[Path]:
+def demo_root(cfg) -> Path:
     """The labelled demo set (one class per bundled photograph), built once in the cache."""
-    if not build:
-        return None
     from fcmae.demo_data import demo_classification_folder
 
     return demo_classification_folder(crop_size=cfg["demo_crop_size"], train_per_photo=cfg["demo_train_per_photo"],

@@ -16,22 +16,22 @@ from fcmae.engine import autocast_context
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "off") -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole (sharded) validation set."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
+    count = 0
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = model(images)
         logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(targets[:, None])
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
         sums += torch.stack([
-            torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
-            hits[:, :1].any(dim=1).sum().double(),
-            hits.any(dim=1).sum().double(),
-            torch.tensor(float(len(targets)), dtype=torch.float64, device=device),
-        ])
+            torch.nn.functional.cross_entropy(logits, targets, reduction="sum"),
+            hits[:, 0].sum(),
+            hits.any(dim=1).sum(),
+        ]).double()
+        count += len(targets)
+    sums = torch.cat([sums, sums.new_tensor([count])])
     if distributed.is_dist():
         if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
             sums = sums.cuda()

@@ -169,7 +169,7 @@ def data_root(cfg: Dict[str, Any], build: bool = True) -> Path:
 
 
 def prepare_data(cfg: Dict[str, Any], info: distributed.DistInfo):
-    """(classes, train set, val set): the demo set is built by rank 0 first; splits checked."""
+    """(root, classes, train set, val set): the demo set is built by rank 0 first; splits checked."""
     if info.is_main:
         root = data_root(cfg)
     distributed.barrier()

@@ -86,9 +86,3 @@ def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") ->
                               f"{result.unexpected_keys}")
     return LoadReport(path, conversion.source_format, sorted(weights), list(result.missing_keys),
                       list(result.unexpected_keys), dropped)
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-

@@ -12,5 +12,6 @@
 # is detected. See finetune/convert.py.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$here/.."
+# Run from anywhere: relative paths stay relative to the caller's directory.
+export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python}" -m finetune.convert "$@"

@@ -28,5 +28,6 @@ if (( $# < 2 )) || [[ "$1" == -* || "$2" == -* ]]; then
     echo "  e.g. launch/finetune.sh atto output/pretrain/atto_demo/checkpoint-last.pth --demo" >&2
     exit 2
 fi
-cd "$here/.."
+# Run from anywhere: relative paths stay relative to the caller's directory.
+export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
 fcmae_launch finetune.main_finetune "$@"

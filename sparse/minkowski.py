@@ -33,6 +33,7 @@ differentiably, so a checkpoint is the same state dict for every backend and
 no conversion is ever needed when loading.
 """
 
+import functools
 from typing import Dict, List, Tuple
 
 import torch
@@ -75,12 +76,18 @@ def me_kernel_permutation(kernel_size: int) -> torch.Tensor:
     return ky * kernel_size + kx
 
 
+@functools.lru_cache(maxsize=None)
+def _permutation_on(kernel_size: int, device: torch.device) -> torch.Tensor:
+    """`me_kernel_permutation` on `device`, made once: the forward pass converts every block's weight."""
+    return me_kernel_permutation(kernel_size).to(device)
+
+
 def depthwise_to_me(weight: torch.Tensor) -> torch.Tensor:
     """torch depthwise weight (C, 1, K, K) -> ME channel-wise kernel (K*K, C). Differentiable."""
     c, _, kh, kw = weight.shape
     if kh != kw or weight.shape[1] != 1:
         raise ValueError(f"expected a square depthwise weight (C, 1, K, K), got {tuple(weight.shape)}")
-    return weight.reshape(c, kh * kw)[:, me_kernel_permutation(kh).to(weight.device)].t()
+    return weight.reshape(c, kh * kw)[:, _permutation_on(kh, weight.device)].t()
 
 
 def depthwise_from_me(kernel: torch.Tensor) -> torch.Tensor:
@@ -98,7 +105,7 @@ def conv_to_me(weight: torch.Tensor) -> torch.Tensor:
     c_out, c_in, kh, kw = weight.shape
     if kh != kw:
         raise ValueError(f"expected a square conv weight (C_out, C_in, K, K), got {tuple(weight.shape)}")
-    flat = weight.reshape(c_out, c_in, kh * kw)[:, :, me_kernel_permutation(kh).to(weight.device)]
+    flat = weight.reshape(c_out, c_in, kh * kw)[:, :, _permutation_on(kh, weight.device)]
     return flat.permute(2, 1, 0)
 
 

@@ -219,6 +219,20 @@ def test_command_writes_reference_format_and_reports_dropped_keys(tmp_path, caps
     assert all(torch.equal(back.state_dict[k], v) for k, v in cv.to_timm(fcmae.state_dict()).items())
 
 
+def test_launcher_takes_paths_relative_to_the_callers_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.save({"model": random_fcmae(seed=10).state_dict()}, tmp_path / "in.pth")
+    script = Path(__file__).resolve().parents[1] / "launch" / "convert.sh"
+    result = subprocess.run(["bash", str(script), "in.pth", "out.pth", "--no-verify"], cwd=tmp_path,
+                            env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "wrote    out.pth" in result.stdout and (tmp_path / "out.pth").is_file()
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "checkpoint not found"),
     ("truncated", "truncated or not a PyTorch checkpoint"),

@@ -67,6 +67,21 @@ def test_dry_run_prints_the_plan(capsys):
     assert "lr               0.0025" in out  # 6.25e-4 * 1024 / 256
 
 
+def test_launcher_takes_paths_relative_to_the_callers_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "w.pth").write_bytes(b"")  # only its existence is checked by a dry run
+    script = Path(__file__).resolve().parents[1] / "launch" / "finetune.sh"
+    result = subprocess.run(["bash", str(script), "atto", "w.pth", "--demo", "--dry_run"], cwd=tmp_path,
+                            env={**os.environ, "PYTHON": sys.executable, "FCMAE_LAUNCHER": "python"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "pre-trained      w.pth" in result.stdout and "output/finetune/atto_demo" in result.stdout
+
+
 @pytest.mark.parametrize("argv, message", [
     (["atto"], "checkpoint|no data"),
     (["atto", "missing.pth", "--demo"], "checkpoint not found"),
@@ -160,6 +175,14 @@ def test_evaluate_counts_top1_and_top5_exactly():
     loader = [(torch.tensor([[0], [1]]), torch.tensor([0, 5])), (torch.tensor([[2]]), torch.tensor([2]))]
     r = evaluate(Fixed(), loader, torch.device("cpu"))
     # image 0: top-1 hit; image 1 (label 5, 2nd best): top-5 hit only; image 2 (label 2, 3rd best): top-5 hit
+    assert r["count"] == 3 and r["acc1"] == pytest.approx(100 / 3) and r["acc5"] == pytest.approx(100.0)
+    assert r["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 5, 2]))))
+
+    class FourClasses(torch.nn.Module):  # fewer than 5 classes: top-5 is every class
+        def forward(self, x):
+            return logits[x.long().flatten(), :4]
+
+    r = evaluate(FourClasses(), [(torch.tensor([[0], [1], [2]]), torch.tensor([0, 3, 2]))], torch.device("cpu"))
     assert r["count"] == 3 and r["acc1"] == pytest.approx(100 / 3) and r["acc5"] == pytest.approx(100.0)
 
 

@@ -31,7 +31,7 @@ from sparse.minkowski import (  # noqa: E402
     depthwise_from_me,
     depthwise_to_me,
 )
-from tests.helpers import TINY_DEPTHS, TINY_DIMS, random_mask, randomize_  # noqa: E402
+from tests.helpers import TINY_DEPTHS, TINY_DIMS, assert_close, random_mask, randomize_  # noqa: E402
 
 CONFIGS = {
     # name: (size, depths, dims, image height, image width)
@@ -39,12 +39,6 @@ CONFIGS = {
     "atto": ("atto", None, None, 96, 96),
     "atto224": ("atto", None, None, 224, 224),
 }
-
-
-def assert_close(actual, expected, rel=1e-5):
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = (actual - expected).abs().max()
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
 
 
 def make_encoder(config, seed, backend):
