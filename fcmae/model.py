@@ -12,6 +12,7 @@ Parameter names follow the reference release (encoder.*, proj, mask_token,
 decoder.<i>, pred), so finetune/convert.py can take the encoder out.
 """
 
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -28,6 +29,12 @@ def _patch_mean_std(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
 
 
+# Kernels the reference release initialises with trunc_normal_'s default std (1.0): stem, depthwise and
+# pointwise kernels, proj and pred; the decoder's pointwise layers keep their init.
+_REFERENCE_INIT = re.compile(r"^(encoder\.stem\.0|encoder\..*\.(conv_dw|mlp\.fc[12])|decoder\.\d+\.conv_dw|proj|pred)"
+                             r"\.weight$")
+
+
 class FCMAE(nn.Module):
     def __init__(
         self,
@@ -39,6 +46,7 @@ class FCMAE(nn.Module):
         decoder_depth: int = 1,
         norm_pix_loss: bool = True,
         in_chans: int = 3,
+        init_std: float = 0.02,
     ):
         super().__init__()
         if patch_size != PATCH_SIZE:
@@ -65,6 +73,10 @@ class FCMAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         for part in (self.proj, self.decoder, self.pred):
             part.apply(self._init_weights)
+        if init_std != 0.02:  # 1.0: the reference release's init (docs/RECIPES.md)
+            for name, param in self.named_parameters():
+                if _REFERENCE_INIT.match(name):
+                    trunc_normal_(param, std=init_std)
 
     @staticmethod
     def _init_weights(module: nn.Module):
@@ -148,6 +160,7 @@ def build_fcmae(
     decoder_depth: int = 1,
     norm_pix_loss: bool = True,
     backend: str = "torch",
+    init_std: float = 0.02,
     **encoder_overrides,
 ) -> FCMAE:
     """FCMAE around the sparse encoder of `size` (e.g. 'atto' or 'convnextv2_atto').
@@ -156,4 +169,4 @@ def build_fcmae(
     """
     encoder = sparse.build_encoder(size, backend=backend, **encoder_overrides)
     return FCMAE(encoder, img_size=img_size, patch_size=patch_size, mask_ratio=mask_ratio,
-                 decoder_dim=decoder_dim, decoder_depth=decoder_depth, norm_pix_loss=norm_pix_loss)
+                 decoder_dim=decoder_dim, decoder_depth=decoder_depth, norm_pix_loss=norm_pix_loss, init_std=init_std)

@@ -5,8 +5,6 @@ norm_pix_loss the predictions are per-patch normalised, so each patch's mean
 and standard deviation (taken from the original) are put back first.
 """
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +14,7 @@ from PIL import Image
 
 from fcmae.data import IMAGENET_MEAN, IMAGENET_STD
 from fcmae.masking import upsample_mask
+from fcmae.runtime.files import write_atomic
 
 
 def _to_uint8(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -52,14 +51,4 @@ def _gray(mean, std) -> torch.Tensor:
 
 def save_png(image: np.ndarray, path) -> Path:
     """Write an (H, W, 3) uint8 array as PNG, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))

@@ -453,7 +453,7 @@ def verify(conversion: Conversion, image_size: int = 64, seed: int = 0) -> float
 # ---------------------------------------------------------------- files
 def load_weights(path, size: Optional[str] = None) -> Conversion:
     """Read a checkpoint file and convert it; clear errors for missing, truncated or foreign files."""
-    from fcmae.checkpoint import CheckpointError, load_checkpoint
+    from fcmae.runtime.checkpoint import CheckpointError, load_checkpoint
 
     try:
         obj = load_checkpoint(path)
@@ -494,7 +494,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> int:
-    from fcmae.checkpoint import save_atomic
+    from fcmae.runtime.checkpoint import save_atomic
 
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ConversionError("the output would overwrite the input; choose another output path")

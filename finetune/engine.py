@@ -1,15 +1,15 @@
 """Evaluation of a classifier: top-1 / top-5, exact over all processes.
 
-The training loop is shared with pre-training (fcmae/engine.py
-train_one_epoch, driven by fcmae/training.py train_epochs).
+The training loop is shared with pre-training (fcmae/runtime/trainer.py,
+Trainer).
 """
 
 from typing import Dict
 
 import torch
 
-from fcmae import distributed
-from fcmae.engine import autocast_context
+from fcmae.runtime import distributed
+from fcmae.runtime.trainer import autocast_context
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
 """AdamW with layer-wise learning-rate decay for ConvNeXt V2 (timm parameter names).
 
-Layer ids (RECIPES.md), 0 = stem, the head last; a parameter of layer id i
-gets lr * layer_decay ** (head_id - i):
+Layer ids (docs/RECIPES.md), the head last; a parameter of layer id i gets
+lr * layer_decay ** (head_id - i):
 
 - 'single': every block is its own layer; the downsample layer in front of
-  stage i shares the id of that stage's first block. With depths d:
-  block j of stage i -> 1 + d0 + ... + d(i-1) + j; head -> sum(d) + 1.
+  stage i shares the id of that stage's first block, and so does the stem
+  (the reference release's downsample_layers.0), with stage 0: id 1. With
+  depths d: block j of stage i -> 1 + d0 + ... + d(i-1) + j; head -> sum(d) + 1.
 - 'group' (the recipe of base, large and huge): stage 0 is one layer, stage 1
   with its downsample one layer, the downsample of stage 2 one layer, the
   blocks of stage 2 in groups of three consecutive blocks, stage 3 with its
@@ -40,7 +41,7 @@ def layer_id(name: str, depths: Sequence[int], rule: str) -> int:
     """Layer id of parameter `name` under `rule` ('single' or 'group'); see the module docstring."""
     head = head_layer_id(depths, rule)
     if name.startswith("stem."):
-        return 0
+        return 1 if rule == "single" else 0
     match = _STAGE.match(name)
     if not match:
         return head  # head.norm, head.fc

@@ -14,8 +14,9 @@
 # SIZE: atto femto pico nano tiny base large huge. CHECKPOINT: an FCMAE
 # checkpoint (this project's or the reference release's; converted on the
 # fly), a file written by launch/convert.sh, or `none` (from scratch).
-# The recipe is configs/finetune/sizes/SIZE.yaml; gradient accumulation keeps
-# its effective batch (1024) whatever the number of GPUs. Any config key can
+# The recipe is configs/finetune/sizes/SIZE.yaml; the per-GPU batch and gradient
+# accumulation are fitted so that its effective batch (1024) holds on any number
+# of GPUs that divides it. Any config key can
 # be overridden (--batch_size 32, --output_dir DIR, ...), and the reference
 # release's flags work too (--layer_decay 0.9, --model_ema true, ...).
 set -euo pipefail

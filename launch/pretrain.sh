@@ -10,8 +10,9 @@
 #   sbatch --nodes 8 --ntasks-per-node 8 --gpus-per-node 8 --wrap "launch/pretrain.sh base 1600ep --data_path ..."
 #
 # SIZE: atto femto pico nano tiny base large huge.  SCHEDULE: 800ep 1600ep demo.
-# Gradient accumulation is set so the effective batch is the schedule's
-# (4096 for 800ep/1600ep) whatever the number of GPUs. Any config key can be
+# The per-GPU batch and gradient accumulation are fitted so that the effective
+# batch is the schedule's (4096 for 800ep/1600ep) on any number of GPUs that
+# divides it; the plan says when the per-GPU batch was lowered. Any config key can be
 # overridden (--batch_size 32, --output_dir DIR, ...); see configs/pretrain/.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fcmae import build_fcmae, patchify, random_mask, unpatchify
-from fcmae.engine import build_optimizer
+from fcmae.optim import build_optimizer
 from fcmae.masking import check_mask_ratio
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), decoder_dim=32)

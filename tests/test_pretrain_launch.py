@@ -4,10 +4,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
-from fcmae import checkpoint as ckpt
-from fcmae.logging_utils import read_jsonl
+from fcmae.runtime import checkpoint as ckpt
+from fcmae.runtime.logs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "pretrain.sh"
@@ -67,6 +68,8 @@ def test_ddp_two_cpu_processes(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "torchrun" in result.stdout and "world size       2" in result.stdout
+    assert "plan checked; starting 2 processes with torchrun" in result.stdout
+    assert "dry run: nothing was trained" not in result.stdout
     records = [r for r in read_jsonl(out / "log.jsonl") if r["type"] == "train"]
     # 18 photos x 2 crops = 36 images: 18 per process, 4 iterations of 4 each.
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -86,3 +89,33 @@ def test_dry_run_false_is_a_real_run(tmp_path):
     assert "dry run: nothing was trained" not in real.stdout
     assert real.returncode != 0, "one empty image cannot fill a batch: the real run must stop with an error"
     assert "batch" in real.stderr.lower() or "image" in real.stderr.lower(), real.stderr
+
+
+def test_every_spelling_of_dry_run_is_a_dry_run_for_the_launcher_too(tmp_path):
+    """The launcher reads --dry_run with the command's parser: `--dry_run=yes` starts no processes."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "x.jpg").write_bytes(b"")
+    for flag in (["--dry_run=yes"],):
+        result = launch("atto", "800ep", "--data_path", tmp_path, *flag, env={"NPROC_PER_NODE": "2"})
+        assert result.returncode == 0, result.stderr
+        assert "dry run: nothing was trained" in result.stdout and "starting" not in result.stdout, flag
+        assert "world size       2" in result.stdout
+
+
+def test_world_and_launcher_from_the_environment():
+    from fcmae.runtime.launch import LaunchError, launch_argv, world_from_environment
+
+    world = world_from_environment({"NPROC_PER_NODE": "8", "NNODES": "4"})
+    assert (world.launcher, world.size) == ("torchrun", 32)
+    with pytest.raises(LaunchError, match="NODE_RANK"):
+        launch_argv(world, "fcmae.main_pretrain", [], {"MASTER_ADDR": "host0"})
+    argv = launch_argv(world, "fcmae.main_pretrain", ["atto"], {"MASTER_ADDR": "host0", "NODE_RANK": "1"})
+    assert argv[-3:] == ["atto", "--world_size", "32"] and "--node_rank" in argv
+    slurm = world_from_environment({"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "NPROC_PER_NODE": "4",
+                                    "FCMAE_LAUNCHER": "srun"})
+    assert (slurm.launcher, slurm.nnodes, slurm.size) == ("srun", 2, 8)
+    single = world_from_environment({"NPROC_PER_NODE": "1"})
+    assert (single.launcher, single.size) == ("python", 1)
+    for bad in ({"FCMAE_LAUNCHER": "mpirun"}, {"NPROC_PER_NODE": "two"}):
+        with pytest.raises(LaunchError):
+            world_from_environment(bad)

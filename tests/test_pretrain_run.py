@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcmae import checkpoint as ckpt
+from fcmae.runtime import checkpoint as ckpt
 from fcmae import main_pretrain
-from fcmae.engine import NonFiniteLossError
-from fcmae.logging_utils import read_jsonl
+from fcmae.runtime.trainer import NonFiniteLossError
+from fcmae.runtime.logs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def expect_usage_error(args, match, capsys):
     ({"--mask_ratio": "1.0"}, "mask_ratio must be in (0, 1)"),
     ({"--mask_ratio": "0"}, "mask_ratio must be in (0, 1)"),
     ({"--mask_ratio": "0.8"}, "leaves no visible patch"),
-    ({"--batch_size": "64"}, "batch larger than the data set"),
+    ({"--batch_size": "64", "--effective_batch": "64"}, "batch larger than the data set"),
     ({"--no_such_key": "1"}, "unknown config key 'no_such_key'"),
     ({"--amp": "fp8"}, "amp must be one of"),
 ])

@@ -11,13 +11,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from fcmae.runtime.files import write_text_atomic
+
 PathLike = Union[str, os.PathLike]
 
 
 def log(message: str, main_only: bool = True, rank: Optional[int] = None) -> None:
     """Print a line (only on rank 0 when `main_only`), flushed at once."""
     if rank is None:
-        from fcmae.distributed import get_rank
+        from fcmae.runtime.distributed import get_rank
 
         rank = get_rank()
     if not main_only or rank == 0:
@@ -103,9 +105,7 @@ class JsonlLogger:
                     continue  # a line cut by a crash
                 if key not in rec or rec[key] <= value:
                     kept.append(json.dumps(rec))
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
 
 def read_jsonl(path: PathLike):

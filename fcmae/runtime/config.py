@@ -11,16 +11,18 @@ Values are parsed as YAML scalars/lists (``true``, ``1e-4``, ``[1, 2]``,
 ``null``). ``aliases`` maps other flag names (e.g. a reference release's) to
 config keys; an unknown key is a clear error, never silently ignored.
 
-Used by both the pre-training and the fine-tuning commands.
+Used by both the pre-training and the fine-tuning commands; the typed,
+validated run config is built from the resolved dict by fcmae.runtime.settings.
 """
 
 import copy
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
+
+from fcmae.runtime.files import write_text_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -160,12 +162,7 @@ def dump_config(cfg: Mapping[str, Any], path: Optional[PathLike] = None) -> str:
     """The config as YAML text (keys in insertion order); also written atomically to ``path``."""
     text = yaml.safe_dump(_plain(cfg), sort_keys=False, default_flow_style=None)
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return text
 
 
@@ -192,7 +189,7 @@ def split_positionals(argv: Sequence[str], count: int) -> Tuple[List[str], List[
 def config_root() -> Path:
     """The `configs/` folder: $FCMAE_CONFIG_DIR, else the one next to the installed packages."""
     env = os.environ.get("FCMAE_CONFIG_DIR")
-    root = Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    root = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
     if not root.is_dir():
         raise ConfigError(f"config folder {root} not found; set FCMAE_CONFIG_DIR to the repository's configs/")
     return root
@@ -202,34 +199,6 @@ def choices(folder: PathLike) -> List[str]:
     """Names (without .yaml) of the config files in a folder, sorted."""
     folder = Path(folder)
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-# ---------------------------------------------------------------- validation
-AMP_MODES = ("bf16", "fp16", "off")
-
-
-def check_int(cfg: Mapping[str, Any], key: str, minimum: int = 1) -> None:
-    """cfg[key] must be an integer >= minimum (a bool is not an integer here)."""
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number(cfg: Mapping[str, Any], key: str, low: float, high: float, high_open: bool = False) -> None:
-    """cfg[key] must be a number in [low, high] (or [low, high) when high_open)."""
-    value = cfg[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
-        value < high if high_open else value <= high)
-    if not ok:
-        raise ConfigError(f"{key} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
-
-
-def check_amp(cfg: Dict[str, Any]) -> None:
-    """Normalise cfg['amp'] to one of AMP_MODES (false/none mean 'off')."""
-    amp = str(cfg["amp"]).lower() if cfg["amp"] not in (False, None) else "off"
-    if amp not in AMP_MODES:
-        raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {cfg['amp']!r}")
-    cfg["amp"] = amp
 
 
 # ---------------------------------------------------------------- reference release's flag style

@@ -1,25 +1,33 @@
-"""Checkpoints: atomic writes, keep-newest-N, auto-resume, RNG state.
+"""Checkpoints: atomic writes, keep-newest-N, auto-resume, RNG state, resume checks.
 
 Layout in an output directory:
 
     checkpoint-last.pth      written after every epoch (and on pre-emption)
     checkpoint-0040.pth      every `save_every` epochs; the newest `keep` stay
 
-A checkpoint is written to a temporary file in the same directory, flushed
-to disk, then renamed over the target (`os.replace` is atomic on POSIX), so
-a crash mid-write never destroys the previous checkpoint.
+Checkpoints are written with fcmae.runtime.files.write_atomic, so a crash
+mid-write never destroys the previous one. They hold only tensors and plain
+Python types (the RNG states too), so they load with
+`torch.load(path, weights_only=True)`; `load_checkpoint` reads every file
+that way.
 """
 
+from __future__ import annotations
+
+import argparse
 import os
+import pickle
 import random
 import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from fcmae.runtime.files import write_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -32,21 +40,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: PathLike) -> Path:
-    """torch.save `obj` to `path` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """torch.save `obj` to `path` atomically (see fcmae.runtime.files.write_atomic)."""
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
@@ -55,7 +50,11 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        obj = _load_weights_only(path, map_location)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint of tensors and plain "
+            "Python types, which is all torch.load(weights_only=True) reads") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint ({e})"
@@ -65,6 +64,15 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (a {type(obj).__name__}, expected a dict)")
     return obj
+
+
+def _load_weights_only(path: Path, map_location) -> Any:
+    """torch.load(weights_only=True); the reference release's `args` (an argparse.Namespace) is allowed too."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    if safe_globals is None:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    with safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def numbered_checkpoints(output_dir: PathLike) -> List[Path]:
@@ -138,10 +146,12 @@ def prune_checkpoints(output_dir: PathLike, keep: int, protect: Optional[PathLik
 
 
 def rng_state() -> Dict[str, Any]:
-    """The state of every random generator training uses (python, numpy, torch CPU and CUDA)."""
+    """The state of every random generator training uses, as tensors and plain types (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None): plain types
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -149,11 +159,14 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what `rng_state` captured."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu() if torch.is_tensor(state["torch"]) else state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
@@ -171,3 +184,35 @@ def check_writable(output_dir: PathLike) -> Path:
     except OSError as e:
         raise CheckpointError(f"output directory {output_dir} is not writable: {e.strerror or e}") from None
     return output_dir
+
+
+# ---------------------------------------------------------------- resuming
+def find_resume(resume: Optional[str], output_dir: PathLike) -> Optional[Path]:
+    """The checkpoint to resume from: a path, the newest in output_dir ('auto'), or None ('none')."""
+    if resume is None:
+        return None
+    if resume.lower() == "auto":
+        return find_latest_checkpoint(output_dir)
+    return Path(resume)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], model_keys: Sequence[str],
+                   ignore: Sequence[str] = ()) -> "tuple[List[str], List[str]]":
+    """(model differences, other differences) between a checkpoint's config and this run's, as readable lines.
+
+    Args:
+        saved: the config stored in the checkpoint (plain types).
+        current: this run's config (plain types).
+        model_keys: settings that define the model's parameters; a difference there cannot be resumed.
+        ignore: settings whose change does not matter (output folders, dry run, ...).
+    """
+    model = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in model_keys
+             if _plain(saved.get(k)) != _plain(current.get(k))]
+    skip = set(model_keys) | set(ignore)
+    other = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in current
+             if k not in skip and _plain(saved.get(k)) != _plain(current.get(k))]
+    return model, other

@@ -1,7 +1,7 @@
 """Graceful stop on SIGTERM / SIGUSR1 (SLURM pre-emption, `scancel`, `kill`).
 
-The handler only records the request; the training loop polls
-`StopRequest.should_stop()` at each optimizer-step boundary, saves a
+The handler only records the request; the training loop polls it
+(fcmae.runtime.trainer.Trainer.should_stop) at each optimizer-step boundary, saves a
 checkpoint there and exits cleanly. In multi-process runs the flag is
 agreed on by all ranks (an all-reduce of one number per poll), so every
 process stops at the same step even if only one received the signal.
@@ -9,8 +9,6 @@ process stops at the same step even if only one received the signal.
 
 import signal
 from typing import Iterable, Optional
-
-from fcmae import distributed
 
 
 class StopRequest:
@@ -44,8 +42,3 @@ class StopRequest:
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else ""
-
-    def should_stop(self, device=None) -> bool:
-        """True on every rank once any rank has received a stop signal."""
-        local = 1.0 if self.received is not None else 0.0
-        return distributed.all_reduce_max(local, device) > 0

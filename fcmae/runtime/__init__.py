@@ -1,0 +1,15 @@
+"""The training runtime both commands share; it imports neither command.
+
+    files       write_atomic: the one atomic file write
+    config      YAML layers, command-line overrides, the reference release's flag forms
+    settings    typed, frozen run configs: TrainConfig, setting(), build_config()
+    plan        Plan, make_plan(): per-GPU batch, accumulation, effective batch, lr, steps
+    checkpoint  save/load (weights_only), keep-newest-N, auto-resume, RNG state
+    distributed process group set-up from torchrun's or SLURM's variables
+    signals     SIGTERM / SIGUSR1 requests to stop
+    logs        progress lines, log.jsonl, TensorBoard
+    schedule    warmup + cosine lr per optimizer step
+    trainer     Trainer (the epoch loop), RunState, LoopSettings
+    command     Command (command line -> config -> dry run or run; errors -> exit codes)
+    launch      `python -m fcmae.runtime.launch MODULE ...`: world size, launcher, dry run
+"""

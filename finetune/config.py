@@ -1,0 +1,110 @@
+"""The fine-tuning command's typed config, resolved from configs/finetune/ and the command line.
+
+Settings: configs/finetune/defaults.yaml < sizes/SIZE.yaml (the published or
+derived recipe) < demo.yaml (with --demo) < --config FILE < command-line
+flags; then `FinetuneConfig` (frozen) checks every value once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Tuple
+
+from fcmae.runtime.command import Flags, check_size, layered_settings, read_command_line
+from fcmae.runtime.config import ConfigError, config_root
+from fcmae.runtime.settings import TrainConfig, build_config, parse_optional_path, setting
+from finetune.optim import LAYER_DECAY_TYPES
+
+# The reference release's flag names -> config keys; its flags without meaning here (evaluation is always
+# distributed and exact; pinning is automatic; ImageNet is just an image folder).
+FLAGS = Flags(
+    aliases={"model": "size", "nb_classes": "num_classes", "accum_iter": "update_freq", "save_ckpt_freq": "save_every"},
+    boolean=("dry_run", "demo", "eval", "model_ema", "model_ema_eval", "use_amp"),
+    ignored=("pin_mem", "no_pin_mem", "dist_eval", "dist_on_itp", "auto_resume", "disable_eval",
+             "model_ema_force_cpu"),
+    ignored_with_value=("data_set", "dist_url", "local_rank", "start_epoch"),
+)
+
+
+def parse_weights(value: Any) -> Optional[str]:
+    """The pre-trained weights' path; none / scratch / '' -> None (train from scratch)."""
+    path = parse_optional_path(value)
+    return None if path is not None and path.lower() == "scratch" else path
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """Every fine-tuning setting; each is described in configs/finetune/defaults.yaml."""
+
+    recipe_source: Optional[str]
+    finetune: Optional[str] = setting(parse=parse_weights)
+    num_classes: Optional[int] = setting(1)
+    head_init_scale: float = setting(0.0)
+    crop_pct: float = setting(0.05, 1.0)
+    demo: bool
+    demo_crop_size: int = setting(1)
+    demo_train_per_photo: int = setting(1)
+    demo_val_per_photo: int = setting(1)
+    aa: Optional[str]
+    color_jitter: Optional[float] = setting(0.0)
+    reprob: float = setting(0.0, 1.0)
+    remode: str
+    recount: int = setting(1)
+    mixup: float = setting(0.0)
+    cutmix: float = setting(0.0)
+    cutmix_minmax: Optional[Tuple[float, float]] = setting(0.0, 1.0)
+    mixup_prob: float = setting(0.0, 1.0)
+    mixup_switch_prob: float = setting(0.0, 1.0)
+    mixup_mode: str = setting(choices=("batch", "pair", "elem"))
+    smoothing: float = setting(0.0, 1.0, high_open=True)
+    model_ema: bool
+    model_ema_decay: float = setting(0.0, 1.0, high_open=True)
+    model_ema_eval: bool
+    layer_decay: float = setting(1e-6, 1.0)
+    layer_decay_type: str = setting(choices=LAYER_DECAY_TYPES)
+    eval: bool
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mixes and self.batch_size % 2:
+            raise ConfigError(f"Mixup/CutMix need an even batch_size, got {self.batch_size}")
+        if self.finetune is not None and not Path(self.finetune).is_file():
+            raise ConfigError(f"checkpoint not found: {self.finetune} (give an FCMAE checkpoint, a file written by "
+                              "fcmae-convert, or `none` to train from scratch)")
+        if not self.data_path and not self.demo:
+            raise ConfigError("no data: give a folder with train/<class>/ and val/<class>/ with --data_path, or run "
+                              "the built-in labelled demo with --demo")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether Mixup or CutMix is on (they need an even per-GPU batch)."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+
+def finetune_config_dir() -> Path:
+    return config_root() / "finetune"
+
+
+def resolve_config(argv: Optional[Sequence[str]] = None, doc: str = __doc__) -> FinetuneConfig:
+    """The command line (`SIZE [CHECKPOINT] [--key value ...]`, or the reference's flags) -> FinetuneConfig."""
+    positionals, overrides, extra_files = read_command_line(argv, doc, FLAGS, 2)
+    if "use_amp" in overrides and not overrides.pop("use_amp"):
+        overrides["amp"] = "off"
+    size = check_size(positionals[0] if positionals else overrides.get("size"),
+                      "fcmae-finetune SIZE [CHECKPOINT], e.g. fcmae-finetune atto fcmae_atto.pth --demo")
+    if len(positionals) > 1:
+        overrides["finetune"] = positionals[1]
+    overrides["size"] = size
+    root = finetune_config_dir()
+    files = [root / "defaults.yaml", root / "sizes" / f"{size}.yaml"]
+    if overrides.get("demo"):
+        files.append(root / "demo.yaml")
+    values = layered_settings(files + list(extra_files), overrides)
+    values["size"] = check_size(values["size"], "")
+    if not values.get("output_dir"):
+        values["output_dir"] = os.path.join("output", "finetune", values["size"] + ("_demo" if values["demo"] else ""))
+    if not values.get("log_dir"):
+        values["log_dir"] = os.path.join(str(values["output_dir"]), "tensorboard")
+    return build_config(FinetuneConfig, values)
