@@ -1,13 +1,31 @@
-"""Small shared pieces of the tests: tiny configs, random weights, random masks."""
+"""Small shared pieces of the tests: tiny configs, random weights, random masks, image files."""
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
 # A custom config small enough for fast CPU tests, with a different width per stage.
 TINY_DEPTHS = (1, 2, 1, 1)
 TINY_DIMS = (8, 16, 24, 32)
+# The tiny model of the command tests, as flags of both commands.
+TINY_ARGS = ["--depths", "[1, 1, 1, 1]", "--dims", "[8, 16, 16, 16]"]
+# One CPU process, no autocast, no loader workers.
+CPU_ARGS = ["--device", "cpu", "--amp", "off", "--num_workers", "0"]
+
+
+def write_images(folder: Path, count: int, size: int = 72, seed: int = 0) -> None:
+    """`count` smooth, slightly noisy RGB PNGs of `size` x `size` (different per index and seed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(count):
+        base = np.stack([np.sin(xx / (3 + i % 5)), np.cos(yy / (2 + i % 7)), np.sin((xx + yy) / 9.0)], -1)
+        img = ((base * 0.4 + 0.5 + rng.rand(size, size, 3) * 0.1).clip(0, 1) * 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img_{i:03d}.png")
 
 
 def randomize_(model: nn.Module, seed: int) -> nn.Module:

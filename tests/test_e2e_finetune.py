@@ -13,9 +13,9 @@ import torch
 from fcmae.main_pretrain import main as pretrain_main
 from finetune.convert import main as convert_main
 from finetune.main_finetune import main as finetune_main
+from tests.helpers import CPU_ARGS, TINY_ARGS
 
-ARCH = ["--depths", "[1, 1, 1, 1]", "--dims", "[8, 16, 16, 16]"]
-RUN = ["--device", "cpu", "--amp", "off", "--num_workers", "0"]
+ARCH, RUN = TINY_ARGS, CPU_ARGS
 FT_DATA = ["--demo", "--input_size", "32", "--demo_crop_size", "64", "--demo_train_per_photo", "2",
            "--demo_val_per_photo", "2", "--batch_size", "8", "--effective_batch", "8", "--print_every", "4"]
 
@@ -30,12 +30,7 @@ def records(path, kind):
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("type") == kind]
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FCMAE_CACHE", str(tmp_path / "cache"))
-
-
-def test_pretrain_convert_finetune_evaluate(tmp_path, cache, capsys):
+def test_pretrain_convert_finetune_evaluate(tmp_path, demo_cache, capsys):
     pre, dense, out = tmp_path / "pre", tmp_path / "dense.pth", tmp_path / "ft"
     run(pretrain_main, ["atto", "demo", *ARCH, *RUN, "--decoder_dim", "16", "--input_size", "64",
                         "--mask_ratio", "0.5", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "8",
@@ -68,7 +63,7 @@ def test_pretrain_convert_finetune_evaluate(tmp_path, cache, capsys):
     assert "(fcmae)" in capsys.readouterr().out
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, cache):
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, demo_cache):
     common = ["atto", "none", *ARCH, *RUN, *FT_DATA, "--epochs", "2", "--warmup_epochs", "1",
               "--mixup", "0.8", "--cutmix", "1.0", "--model_ema", "true", "--model_ema_decay", "0.5"]
     run(finetune_main, common + ["--output_dir", str(tmp_path / "a")])

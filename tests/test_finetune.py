@@ -18,7 +18,7 @@ from finetune.model import build_model, load_pretrained
 from finetune.optim import head_layer_id, layer_id, param_groups
 from sparse.sizes import MODEL_SIZES
 
-TINY = ["--depths", "[1, 1, 1, 1]", "--dims", "[8, 16, 16, 16]"]
+from tests.helpers import TINY_ARGS as TINY
 
 
 # ---------------------------------------------------------------- recipes and flags

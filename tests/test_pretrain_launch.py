@@ -9,6 +9,7 @@ import torch
 
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime.logs import read_jsonl
+from tests.helpers import TINY_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "pretrain.sh"
@@ -60,7 +61,7 @@ def test_dry_run_prints_the_plan_for_many_gpus(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "out"
     result = launch(
-        "atto", "demo", "--output_dir", out, "--depths", "[1,1,1,1]", "--dims", "[8,16,16,16]",
+        "atto", "demo", "--output_dir", out, *TINY_ARGS,
         "--decoder_dim", "32", "--input_size", "64", "--batch_size", "4", "--effective_batch", "8",
         "--epochs", "1", "--demo_per_photo", "2", "--demo_crop_size", "64", "--num_workers", "1",
         "--print_every", "1", "--device", "cpu",

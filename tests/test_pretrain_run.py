@@ -15,37 +15,13 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae import main_pretrain
 from fcmae.runtime.trainer import NonFiniteLossError
 from fcmae.runtime.logs import read_jsonl
+from tests.helpers import TINY_ARGS, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_images(folder: Path, count: int, size: int = 72, seed: int = 0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(count):
-        base = np.stack([np.sin(xx / (3 + i % 5)), np.cos(yy / (2 + i % 7)), np.sin((xx + yy) / 9.0)], -1)
-        img = ((base * 0.4 + 0.5 + rng.rand(size, size, 3) * 0.1).clip(0, 1) * 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"img_{i:03d}.png")
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_images(root / "train" / "class_a", 12, seed=0)
-    write_images(root / "train" / "class_b", 12, seed=1)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
-
-
 def tiny_args(data, out, *extra):
-    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out),
-            "--depths", "[1,1,1,1]", "--dims", "[8,16,16,16]", "--decoder_dim", "32",
+    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), *TINY_ARGS, "--decoder_dim", "32",
             "--input_size", "64", "--mask_ratio", "0.5", "--batch_size", "4", "--effective_batch", "4",
             "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--print_every", "1",
             "--vis_images", "2", "--save_every", "1", "--keep_checkpoints", "2", "--device", "cpu", *extra]
@@ -67,8 +43,6 @@ def epoch_losses(out):
 def reference_run(image_dir, tmp_path_factory):
     """An uninterrupted 2-epoch run; other tests compare against it."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    for var in ("RANK", "WORLD_SIZE"):
-        os.environ.pop(var, None)
     assert run(tiny_args(image_dir, out)) == 0
     return out
 
@@ -221,7 +195,7 @@ def test_resume_of_another_model_or_a_broken_file_is_refused(image_dir, tmp_path
     out.mkdir()
     shutil.copy(reference_run / "checkpoint-last.pth", out / "checkpoint-last.pth")
     args = tiny_args(image_dir, out)
-    args[args.index("--dims") + 1] = "[8,16,16,32]"
+    args[args.index("--dims") + 1] = "[8, 16, 16, 32]"
     expect_usage_error(args, "trained with another model (dims", capsys)
     expect_usage_error(["tiny", "demo"] + tiny_args(image_dir, out)[2:], "another model (size", capsys)
     data = (out / "checkpoint-last.pth").read_bytes()

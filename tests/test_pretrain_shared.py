@@ -17,7 +17,7 @@ from fcmae.demo_data import demo_classification_folder, demo_pretrain_folder
 from fcmae.runtime.logs import JsonlLogger, ProgressMeter, read_jsonl
 from fcmae.runtime.schedule import cosine_lr, set_lr
 from fcmae.main_pretrain import format_plan, resolve_config
-from fcmae.runtime.plan import PlanError, make_plan
+from fcmae.runtime.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
