@@ -5,7 +5,7 @@ group is initialised from the environment that the launcher leaves:
 
 - torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 - SLURM (srun, one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
-  with MASTER_ADDR/MASTER_PORT exported by launch/common.sh (or the first
+  with MASTER_ADDR/MASTER_PORT exported by fcmae/runtime/launch.py (or the first
   host of SLURM_JOB_NODELIST and port 29500 when unset);
 - neither: a single process, no process group.
 

@@ -8,7 +8,7 @@ field's `setting(...)` metadata; `validate()` then checks what involves
 several settings. After that the config is read by attribute and never
 changed; `to_dict()` gives plain types for config.yaml and checkpoints.
 
-`TrainConfig` holds the settings both commands share; fcmae/main_pretrain.py's
+`TrainConfig` holds the settings both commands share; fcmae/pretrain_config.py's
 PretrainConfig and finetune/config.py's FinetuneConfig extend it. Defaults
 live in configs/<command>/defaults.yaml only, so fields have none here.
 """
