@@ -130,3 +130,35 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         write_atomic(path, fail)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.txt"]
+
+
+# ---------------------------------------------------------------- structure
+def test_the_runtime_imports_no_command_and_finetune_not_the_pretraining_command():
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    commands = {"fcmae.main_pretrain", "fcmae.pretrain_config", "finetune", "finetune.main_finetune"}
+    for pattern, banned in (("fcmae/runtime/*.py", commands), ("finetune/*.py", {"fcmae.main_pretrain"})):
+        for path in repo.glob(pattern):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    names = {node.module or ""}
+                elif isinstance(node, ast.Import):
+                    names = {a.name for a in node.names}
+                else:
+                    continue
+                assert not {n for n in names if n in banned or n.split(".")[0] in banned}, (path, names)
+
+
+def test_importing_the_commands_needs_no_torch_amp_gradscaler():
+    """torch < 2.3 has no torch.amp.GradScaler: no annotation or default may evaluate it at import time."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch.amp; del torch.amp.GradScaler; "
+            "import fcmae.runtime.trainer, fcmae.main_pretrain, finetune.main_finetune")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
