@@ -118,6 +118,23 @@ def wait_finished(job: str, timeout: float) -> Dict[str, str]:
     return job_info(job)
 
 
+def wait_requeued(job: str, timeout: float) -> Dict[str, str]:
+    """Wait until the job's first run is over and it is queued again (Restarts >= 1, PENDING or RUNNING).
+
+    Returns the job's info then, or as soon as it ends for good instead.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        info = job_info(job)
+        state = info.get("JobState", "GONE")
+        if state in FINAL_STATES or state == "GONE":
+            return info
+        if int(info.get("Restarts", "0")) >= 1 and state in ("PENDING", "RUNNING"):
+            return info
+        assert time.monotonic() < deadline, f"job {job} neither requeued nor ended in {timeout:.0f} s ({state})"
+        time.sleep(0.5)
+
+
 def scancel(job: str, signal: Optional[str] = None, full: bool = False) -> None:
     """`scancel [--signal=SIG] [--full] JOB`; without a signal this cancels the job."""
     cmd = ["scancel"] + ([f"--signal={signal}"] if signal else []) + (["--full"] if full else []) + [job]

@@ -64,15 +64,26 @@ def env_for(tmp_path):
     return env
 
 
+def _start(cmd, tmp_path, new_session=False):
+    """Start `cmd` with its output in a file (a pipe would keep the test waiting for orphans)."""
+    log = tmp_path / f"run-{len(list(tmp_path.glob('run-*.log')))}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(tmp_path), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=new_session)
+    proc.log = log
+    return proc
+
+
+def output(proc):
+    return proc.log.read_text(errors="replace")
+
+
 def start_launcher(args, tmp_path, new_session=False):
-    return subprocess.Popen(["bash", str(LAUNCH), *map(str, args)], cwd=REPO, env=env_for(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=new_session)
+    return _start(["bash", str(LAUNCH), *map(str, args)], tmp_path, new_session)
 
 
 def start_python(args, tmp_path):
-    return subprocess.Popen([sys.executable, "-m", "fcmae.main_pretrain", *map(str, args)], cwd=REPO,
-                            env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return _start([sys.executable, "-m", "fcmae.main_pretrain", *map(str, args)], tmp_path)
 
 
 def steps_logged(out):
@@ -91,19 +102,20 @@ def wait_for_step(proc, out, step, timeout=120):
         if steps and steps[-1] >= step:
             return steps[-1]
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (code {proc.returncode}) before step {step}:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"the run ended (code {proc.returncode}) before step {step}:\n{output(proc)[-3000:]}")
         assert time.monotonic() < deadline, f"no step {step} within {timeout} s"
         time.sleep(0.05)
 
 
 def finish(proc, timeout=120):
+    """Wait for the process itself (not for its children); returns (exit code, output)."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"still running after {timeout} s:\n{out[-3000:]}")
-    return proc.returncode, out
+        proc.wait()
+        pytest.fail(f"still running after {timeout} s:\n{output(proc)[-3000:]}")
+    return proc.returncode, output(proc)
 
 
 def children(pid):
@@ -137,7 +149,13 @@ def test_signal_to_the_process_group_with_loader_workers_saves(image_dir, tmp_pa
     proc = start_launcher(tiny_args(image_dir, out, epochs=50, workers=2), tmp_path, new_session=True)
     seen = wait_for_step(proc, out, 2)
     os.killpg(proc.pid, signum)
-    code, text = finish(proc)
+    try:
+        code, text = finish(proc)
+    finally:
+        try:  # whatever the launcher left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert code == 0, f"exit code {code}:\n{text[-3000:]}"
     assert f"stopped by {signal.Signals(signum).name}" in text and "Traceback" not in text, text[-3000:]
     step = newest_step(out)
@@ -171,13 +189,13 @@ def test_second_run_in_the_same_folder_stops_and_names_the_first(image_dir, tmp_
     try:
         wait_for_step(first, out, 1)
         second = start_python(tiny_args(image_dir, out, epochs=50), tmp_path)
-        code, text = finish(second, timeout=90)
+        code, text = finish(second, timeout=60)
         assert code != 0, f"a second run trained in the folder of a running one:\n{text[-2000:]}"
         assert str(first.pid) in text and "Traceback" not in text, text[-2000:]
         assert first.poll() is None, "the first run was disturbed"
     finally:
         first.kill()
-        first.communicate()
+        first.wait()
     # The first run died without releasing its lock: the lock is stale, a new run proceeds.
     rerun = start_python(tiny_args(image_dir, out, epochs=1), tmp_path)
     code, text = finish(rerun)
