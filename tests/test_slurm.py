@@ -100,6 +100,17 @@ def assert_stopped_with_checkpoint(out: Path, seen_step: int, text: str, signal_
     assert "Traceback" not in text, text[-3000:]
 
 
+def assert_same_losses(out: Path, reference_out: Path):
+    """Every optimizer step's loss and the final epoch loss equal the uninterrupted run's, exactly.
+
+    (The mean loss of the interrupted epoch is not compared: it depends on
+    the per-rank running sums, which issue 16 covers.)
+    """
+    steps = [(r["step"], r["loss"]) for r in slurm.train_records(out)]
+    assert steps == [(r["step"], r["loss"]) for r in slurm.train_records(reference_out)]
+    assert slurm.epoch_losses(out)[-1] == slurm.epoch_losses(reference_out)[-1]
+
+
 def test_world_size_comes_from_the_allocation(reference):
     out, info, text = reference
     assert info.get("JobState") == "COMPLETED", text[-3000:]
@@ -125,7 +136,7 @@ def test_scancel_term_saves_and_a_resubmission_resumes_exactly(reference, image_
     info, text = finish(job, log)
     assert info.get("JobState") == "COMPLETED", text[-3000:]
     assert "resumed from" in text
-    assert slurm.epoch_losses(out) == slurm.epoch_losses(reference[0])
+    assert_same_losses(out, reference[0])
 
 
 def test_signal_before_the_time_limit_saves(image_dir, tmp_path, jobs):
@@ -171,4 +182,4 @@ def test_requeue_resumes_without_user_action(reference, image_dir, tmp_path, job
     info, text = finish(job, log)
     assert info.get("JobState") == "COMPLETED", text[-3000:]
     assert "resumed from" in text
-    assert slurm.epoch_losses(out) == slurm.epoch_losses(reference[0])
+    assert_same_losses(out, reference[0])
