@@ -140,14 +140,15 @@ def test_scancel_term_saves_and_a_resubmission_resumes_exactly(reference, image_
 
 
 def test_signal_before_the_time_limit_saves(image_dir, tmp_path, jobs):
-    """`--signal=USR1@75 --time=2`: the run saves and ends well before SLURM would kill it.
+    """`--signal=USR1@100 --time=3`: the run saves and ends well before SLURM would kill it.
 
-    SLURM sends the signal up to ~30 s early (it checks every 30 s), so it
-    lands 15-45 s into the job, while the (long) run trains.
+    SLURM sends the signal up to 60 s before the nominal moment (80 s into
+    the job); 20 s is enough for the run to be training by then. A signal
+    before the srun step exists would reach no one.
     """
     out = tmp_path / "out"
-    job, log = submit(jobs, tmp_path, image_dir, out, "--no-requeue", "--time=2", "--signal=USR1@75", epochs=500)
-    info, text = finish(job, log, timeout=200)
+    job, log = submit(jobs, tmp_path, image_dir, out, "--no-requeue", "--time=3", "--signal=USR1@100", epochs=500)
+    info, text = finish(job, log, timeout=260)
     assert info.get("JobState") == "COMPLETED", f"{info.get('JobState')} {info.get('Reason')}:\n{text[-3000:]}"
     assert "stopped by SIGUSR1" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
