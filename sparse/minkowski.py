@@ -120,6 +120,33 @@ def conv_from_me(kernel: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
+# GRN's per-image norm over feature rows (pure PyTorch; no MinkowskiEngine needed)
+# ---------------------------------------------------------------------------
+
+
+def per_image_l2_rows(x: torch.Tensor, batch_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-image, per-channel L2 norm of the rows of `x` (M, C), given back on every row of the image.
+
+    Args:
+        x: one feature row per site, any float dtype.
+        batch_index: (M,) the image of each row.
+        batch_size: the number of images.
+
+    The sum of squares is accumulated in float32, whatever the dtype of x: in
+    fp16, 1,254 sites of magnitude 8 already sum to more than fp16 holds (inf,
+    then NaN downstream). The norm is returned in x's dtype, as
+    torch.linalg.vector_norm does for the dense backends.
+    """
+    squares = x.float().square()
+    sumsq = squares.new_zeros(batch_size, x.shape[1]).index_add_(0, batch_index, squares)
+    # sqrt with a zero (not NaN) gradient where a channel is zero in a whole image,
+    # as torch.linalg.vector_norm does.
+    positive = sumsq > 0
+    norm = torch.where(positive, sumsq, torch.ones_like(sumsq)).sqrt() * positive
+    return norm.to(x.dtype).index_select(0, batch_index)
+
+
+# ---------------------------------------------------------------------------
 # Loading MinkowskiEngine lazily
 # ---------------------------------------------------------------------------
 
@@ -333,12 +360,7 @@ class _MinkowskiSites(Sites):
     def per_image_l2(self, x):
         """Per-image, per-channel L2 norm over the image's sites, one row per site (M, C)."""
         self._check_rows(x, "per_image_l2")
-        sumsq = x.new_zeros(self.batch_size, x.shape[1]).index_add_(0, self.batch_index, x * x)
-        # sqrt with a zero (not NaN) gradient where a channel is zero in a whole image,
-        # as torch.linalg.vector_norm does.
-        positive = sumsq > 0
-        norm = torch.where(positive, sumsq, torch.ones_like(sumsq)).sqrt() * positive
-        return norm.index_select(0, self.batch_index)
+        return per_image_l2_rows(x, self.batch_index, self.batch_size)
 
     def drop_path(self, x, drop_prob, training):
         """Stochastic depth per image; draws the same random numbers as timm's drop_path."""
