@@ -6,15 +6,18 @@ Both splits must exist and hold the same classes (checked before any
 compute). Training augmentation is timm's: RandomResizedCrop (bicubic),
 flip, RandAugment, random erasing; Mixup/CutMix with soft targets and label
 smoothing act on batches (`make_mixup`). As in pre-training, the
-augmentation of a sample is seeded by (seed, epoch, index), so a resumed run
-sees the same images.
+augmentation of a sample is seeded by (seed, epoch, index), for torch,
+python and numpy (timm's RandAugment picks its ops with numpy), so a resumed
+run sees the same images and the ranks of a run do not augment in lockstep.
 """
 
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Tuple, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
@@ -75,15 +78,27 @@ class LabelledFolder(Dataset):
         path, label = self.samples[index]
         image = default_loader(str(path))
         if self.transform is not None:
-            # timm's augmentations draw from both torch's and python's RNG: seed both per sample.
-            state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                seed = sample_seed(self.seed, self.epoch, index)
-                torch.manual_seed(seed)
-                random.seed(seed)
+            with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
                 image = self.transform(image)
-            random.setstate(state)
         return image, label
+
+
+@contextmanager
+def seeded_rngs(seed: int):
+    """Seed torch's, python's and numpy's global RNGs for the block, then put their states back.
+
+    timm's augmentations draw from all three (RandAugment picks its ops with numpy).
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # all 63 bits, not just the low 32
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class ShardSampler(Sampler):
