@@ -40,7 +40,7 @@ from fcmae.optim import build_optimizer
 from fcmae.pretrain_config import PretrainConfig, resolve_config as _resolve
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed
-from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint
+from fcmae.runtime.command import Command, UsageError, check_output_dir, resume_checkpoint
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan, make_plan, plan_lines
@@ -162,9 +162,8 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         raise UsageError(str(e)) from None
     plan = make_plan(cfg, info.world_size, len(dataset))
 
-    # Resume (checked before building the model).
-    resume_from = ckpt.find_resume(cfg.resume, out)
-    saved = read_checkpoint(resume_from) if resume_from is not None else None
+    # Resume (checked before building the model); rank 0 picks the checkpoint for every rank.
+    resume_from, saved = resume_checkpoint(cfg.resume, out)
     if saved is not None:
         changed = check_resumable(saved, cfg, resume_from)
         if changed:
@@ -185,7 +184,10 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     def loss_fn(model, batch):
         imgs, bad = batch
         if bad:
-            bad_images.update(bad)
+            try:
+                bad_images.update(bad)
+            except DataError as e:  # this rank alone may see them: every rank stops at the next check
+                trainer.fail_at_next_check(e)
         loss, _, _ = model(imgs.to(device, non_blocking=True))
         return loss
 

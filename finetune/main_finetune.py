@@ -30,7 +30,7 @@ import sparse
 from fcmae.data import DataError
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed
-from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint
+from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint, resume_checkpoint
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
@@ -192,8 +192,7 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     root, classes, train_set, val_set = prepare_data(cfg, info)
     num_classes = len(classes)
     cfg = cfg.replace(num_classes=num_classes)
-    resume_from = ckpt.find_resume(cfg.resume, out)
-    saved = read_checkpoint(resume_from) if resume_from is not None else None
+    resume_from, saved = resume_checkpoint(cfg.resume, out)  # rank 0 picks it for every rank
     if saved is not None:
         check_resumable(saved, cfg, resume_from)
     seed_everything(cfg.seed + info.rank)
@@ -233,6 +232,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         trainer.restore(saved, resume_from, cfg.seed)
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
+        elif ema is not None:  # a checkpoint trained without EMA: the average starts from the restored weights
+            ema.set(model)
         best.update(saved.get("best") or {})
         del saved
     state = trainer.state

@@ -9,7 +9,10 @@ Checkpoints are written with fcmae.runtime.files.write_atomic, so a crash
 mid-write never destroys the previous one. They hold only tensors and plain
 Python types (the RNG states too), so they load with
 `torch.load(path, weights_only=True)`; `load_checkpoint` reads every file
-that way.
+that way, memory-mapped (`mmap=True`) when the file is in torch's zip
+format, so that the processes of a node that resume together do not each
+hold a full copy in memory: pages are read as the tensors are copied into
+the model and optimizer.
 """
 
 from __future__ import annotations
@@ -67,12 +70,16 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
 
 
 def _load_weights_only(path: Path, map_location) -> Any:
-    """torch.load(weights_only=True); the reference release's `args` (an argparse.Namespace) is allowed too."""
+    """torch.load(weights_only=True), memory-mapped for zip-format files (all torch.save writes since 1.6).
+
+    The reference release's `args` (an argparse.Namespace) is allowed too.
+    """
+    mmap = zipfile.is_zipfile(path)  # the legacy format cannot be mapped
     safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     if safe_globals is None:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     with safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def numbered_checkpoints(output_dir: PathLike) -> List[Path]:

@@ -97,6 +97,33 @@ def read_checkpoint(path) -> Dict[str, Any]:
         raise UsageError(f"{e}. Remove it, or pass --resume none to start afresh") from None
 
 
+def resume_checkpoint(resume: Optional[str], output_dir) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """(path, contents) of the checkpoint to resume, the same on every rank; (None, None) to start afresh.
+
+    Rank 0 decides (`--resume`: auto, a path or none; see
+    fcmae.runtime.checkpoint.find_resume) and sends the path to the others,
+    so a node-local output folder or a stale listing on a network file system
+    cannot make ranks resume different files. When any rank cannot read the
+    file, every rank stops with that rank's message.
+    """
+    from fcmae.runtime import distributed
+
+    path = ckpt.find_resume(resume, output_dir) if distributed.get_rank() == 0 else None
+    path = distributed.broadcast_object(path)
+    if path is None:
+        return None, None
+    saved, error = None, None
+    try:
+        saved = read_checkpoint(path)
+    except UsageError as e:
+        error = e
+    found = distributed.first_error(error)
+    if found is not None:
+        rank, error = found
+        raise UsageError(f"rank {rank}: {error}") if distributed.get_world_size() > 1 else error
+    return path, saved
+
+
 @dataclass(frozen=True)
 class Command:
     """A training command.

@@ -9,17 +9,26 @@ group is initialised from the environment that the launcher leaves:
   host of SLURM_JOB_NODELIST and port 29500 when unset);
 - neither: a single process, no process group.
 
-NCCL is used on CUDA devices, gloo on CPU.
+NCCL is used on CUDA devices, gloo on CPU. A collective that waits longer
+than the process group's timeout fails instead of hanging: 30 minutes by
+default, `FCMAE_DIST_TIMEOUT` seconds when that is set (tests use a few
+seconds).
+
+Decisions that every rank must share are made once and agreed on:
+`broadcast_object` (rank 0 decides, e.g. the checkpoint to resume) and
+`first_error` (an error that some ranks met is raised on all of them).
 """
 
 import datetime
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+
+from fcmae.runtime.config import ConfigError
 
 
 @dataclass
@@ -84,10 +93,29 @@ def _slurm_master_addr() -> str:
     return "127.0.0.1"
 
 
-def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+TIMEOUT_VARIABLE = "FCMAE_DIST_TIMEOUT"
+
+
+def process_group_timeout(default_minutes: float = 30, env: Optional[Mapping[str, str]] = None) -> datetime.timedelta:
+    """How long a collective may wait: `FCMAE_DIST_TIMEOUT` seconds when set, else `default_minutes`."""
+    env = os.environ if env is None else env
+    value = env.get(TIMEOUT_VARIABLE, "")
+    if value == "":
+        return datetime.timedelta(minutes=default_minutes)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_VARIABLE} must be a positive number of seconds, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
     """Initialise the default process group from the environment (if several processes).
 
-    Returns a `DistInfo`; on CUDA, also selects this process's GPU.
+    Returns a `DistInfo`; on CUDA, also selects this process's GPU. Collectives
+    time out after `timeout_minutes` (or FCMAE_DIST_TIMEOUT seconds).
     """
     info = env_rank_info()
     dev = resolve_device(device, info["local_rank"])
@@ -107,7 +135,7 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInf
             init_method="env://",
             rank=info["rank"],
             world_size=info["world_size"],
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=process_group_timeout(timeout_minutes),
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(info["rank"], info["world_size"], info["local_rank"], dev, backend)
@@ -153,11 +181,41 @@ def all_reduce_mean(value: Union[float, torch.Tensor], device: Optional[torch.de
     return t if torch.is_tensor(value) else float(t.item())
 
 
-def all_reduce_max(value: float, device: Optional[torch.device] = None) -> float:
-    """Maximum of a number over all processes (e.g. to agree on a stop flag)."""
+def all_reduce_max(value: Union[float, torch.Tensor], device: Optional[torch.device] = None):
+    """Maximum of a number or tensor over all processes (e.g. to agree on stop flags)."""
     if not is_dist():
         return value
-    return float(_all_reduce(value, dist.ReduceOp.MAX, device).item())
+    t = _all_reduce(value, dist.ReduceOp.MAX, device)
+    return t if torch.is_tensor(value) else float(t.item())
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s `value` (any picklable object) on every rank; `value` itself when single-process."""
+    if not is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(value: Any) -> List[Any]:
+    """Every rank's `value`, in rank order (`[value]` when single-process)."""
+    if not is_dist():
+        return [value]
+    values: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def first_error(error: Optional[BaseException]) -> Optional[Tuple[int, BaseException]]:
+    """(rank, error) of the lowest rank that met an error, the same on every rank; None when none did.
+
+    Every rank must call it (it is a collective); pass None when this rank is fine.
+    """
+    for rank, found in enumerate(all_gather_object(error)):
+        if found is not None:
+            return rank, found
+    return None
 
 
 def cleanup() -> None:

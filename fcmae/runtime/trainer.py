@@ -15,7 +15,11 @@ The loop counts two kinds of steps:
   with exactly the same state.
 
 `should_stop` is the one place where the processes agree on stopping (one
-all-reduce per optimizer step); further reasons to stop go there.
+all-reduce per optimizer step); further reasons to stop go there. A failure
+that one rank meets (a non-finite loss, too many unreadable images: see
+`fail_at_next_check`) is only a flag until then; it is reduced with the stop
+flag, so every rank raises the same error at the same step instead of the
+others waiting in DDP's all-reduce.
 """
 
 from __future__ import annotations
@@ -113,9 +117,11 @@ def train_loader(dataset, plan: Plan, num_workers: int, seed: int, info: distrib
     sampler = ResumableDistributedSampler(dataset, plan.batch_size, num_replicas=info.world_size, rank=info.rank,
                                           shuffle=True, seed=seed)
     sampler.max_batches = plan.iters_per_epoch
+    # Its own generator keeps the global RNG untouched by the loader; seeded per rank, so that the
+    # workers' RNGs differ between ranks and restarts do not depend on torch's default seed.
     return DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=info.device.type == "cuda", drop_last=True, collate_fn=collate_fn,
-                      generator=torch.Generator())  # keeps the global RNG untouched by the loader
+                      generator=torch.Generator().manual_seed(seed + info.rank))
 
 
 class Trainer:
@@ -147,6 +153,8 @@ class Trainer:
         self.scaler, self.after_step, self.extra_state = scaler, after_step, extra_state
         self.state = RunState()
         self.stop = StopRequest()
+        self._unchecked = []  # (loss tensor, epoch, iteration, optimizer step) since the last stop check
+        self._failure: Optional[BaseException] = None  # raised on every rank at the next stop check
         self.jsonl: Optional[JsonlLogger] = None  # set while fit() runs
         self.tb: Optional[TensorBoard] = None
         if info.world_size > 1:
@@ -157,12 +165,23 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def restore(self, saved: Dict[str, Any], path, seed: int) -> None:
-        """Load model, optimizer, scaler, run state and this process's RNG state from a checkpoint."""
+        """Load model, optimizer, scaler, run state and this process's RNG state and epoch loss from a checkpoint.
+
+        Every rank must restore the same checkpoint (commands pick it with
+        fcmae.runtime.command.resume_checkpoint); a CheckpointError on every
+        rank when their steps differ.
+        """
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.state = RunState(**saved["run_state"])
+        steps = distributed.all_gather_object((self.state.step, str(path)))
+        if len({step for step, _ in steps}) > 1:
+            raise ckpt.CheckpointError(
+                "the processes resumed different checkpoints: " + ", ".join(
+                    f"rank {rank} step {step} ({where})" for rank, (step, where) in enumerate(steps))
+                + "; the output directory must be one folder that every node sees")
         rngs = saved.get("rng") or []
         if len(rngs) == self.info.world_size:
             ckpt.set_rng_state(rngs[self.info.rank])
@@ -170,33 +189,85 @@ class Trainer:
             log(f"note: the checkpoint has RNG states of {len(rngs)} processes, this run has "
                 f"{self.info.world_size}; reseeding")
             torch.manual_seed(seed + self.info.rank + 1_000_003 * self.state.step)
+        # Each rank's own running epoch loss (run_state holds rank 0's); another world size gets their mean.
+        sums = saved.get("epoch_loss") or []
+        if len(sums) == self.info.world_size:
+            self.state.epoch_loss_sum, self.state.epoch_loss_count = sums[self.info.rank]
+        elif sums:
+            self.state.epoch_loss_sum = sum(total for total, _ in sums) / len(sums)
         log(f"resumed from {path}: epoch {self.state.epoch + 1}, iteration {self.state.iteration}, "
             f"step {self.state.step}")
 
     def save(self, epoch_done: Optional[int] = None) -> None:
         """The checkpoint of the run as it stands (called on every rank; rank 0 writes)."""
-        rngs = [ckpt.rng_state()]
-        if distributed.is_dist():
-            rngs = [None] * self.info.world_size
-            torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+        per_rank = distributed.all_gather_object(
+            (ckpt.rng_state(), [self.state.epoch_loss_sum, self.state.epoch_loss_count]))
         if self.info.is_main:
             payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                        "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                        "epoch": self.state.epoch, "step": self.state.step, "run_state": self.state.as_dict(),
-                       "rng": rngs, "config": self.config, "world_size": self.info.world_size,
+                       "rng": [rng for rng, _ in per_rank], "epoch_loss": [loss for _, loss in per_rank],
+                       "config": self.config, "world_size": self.info.world_size,
                        **(self.extra_state() if self.extra_state is not None else {})}
             ckpt.save_checkpoint(payload, self.output_dir, epoch_done=epoch_done,
                                  save_every=self.settings.save_every, keep=self.settings.keep_checkpoints)
         distributed.barrier()
 
     # ------------------------------------------------------------ the run
+    def fail_at_next_check(self, error: Exception) -> None:
+        """Stop every rank at the next `should_stop` with `error` (the first one a rank records counts).
+
+        For failures one rank may meet alone (too many unreadable images):
+        raising at once would leave the other ranks waiting in a collective.
+        `error` must pickle and take its message as its one argument (it is
+        sent to the other ranks).
+        """
+        if self._failure is None:
+            self._failure = error
+
     def should_stop(self) -> bool:
-        """True on every rank once any rank was asked to stop (one all-reduce per optimizer step)."""
-        s = self.settings
-        if s.exit_after_steps is not None and self.state.step >= s.exit_after_steps:
+        """True on every rank once any rank was asked to stop; raises on every rank once any rank failed.
+
+        One all-reduce of [stop requested, non-finite loss, other failure] and
+        one host sync per check. The losses since the last check are added to
+        the epoch's running sum here. When some rank saw a non-finite loss or
+        recorded a failure, every rank raises the lowest such rank's error
+        (NonFiniteLossError, or what `fail_at_next_check` got) with the same message.
+        """
+        s, state = self.settings, self.state
+        if s.exit_after_steps is not None and state.step >= s.exit_after_steps:
             self.stop.request()
-        local = 1.0 if self.stop.received is not None else 0.0
-        return distributed.all_reduce_max(local, self._reduce_device()) > 0
+        pending, self._unchecked = self._unchecked, []
+        losses = torch.stack([loss for loss, *_ in pending]) if pending else torch.zeros(0, device=self.device)
+        flags = torch.tensor([float(self.stop.received is not None), 0.0, float(self._failure is not None)])
+        flags = flags.to(losses.device)
+        flags[1] = (~torch.isfinite(losses)).any()
+        flags = distributed.all_reduce_max(flags, self._reduce_device())
+        values = torch.cat([flags.float().to(losses.device), losses]).tolist()  # the one host sync
+        stop, non_finite, failed, local_losses = values[0], values[1], values[2], values[3:]
+        for value in local_losses:
+            state.epoch_loss_sum += value
+            state.epoch_loss_count += 1
+        if non_finite or failed:
+            self._raise_agreed_failure(pending, local_losses)
+        return stop > 0
+
+    def _raise_agreed_failure(self, pending, local_losses) -> None:
+        """Raise, on every rank, the error of the lowest rank that met one."""
+        error = self._failure
+        if error is None:
+            for (_, epoch, iteration, step), value in zip(pending, local_losses):
+                if not math.isfinite(value):
+                    error = NonFiniteLossError(f"loss is {value} at epoch {epoch + 1}, iteration {iteration} "
+                                               f"(optimizer step {step}); training stopped")
+                    break
+        found = distributed.first_error(error)
+        if found is None:  # cannot happen: the rank that raised a flag has its error
+            raise RuntimeError("a rank flagged a failure but none reported it")
+        rank, error = found
+        if self.info.world_size > 1:
+            error = type(error)(f"rank {rank} of {self.info.world_size}: {error}")
+        raise error
 
     def _reduce_device(self) -> Optional[torch.device]:
         return self.device if self.device.type == "cuda" else None
@@ -249,6 +320,7 @@ class Trainer:
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         lr = cosine_lr(state.step, s.total_steps, s.warmup_steps, s.lr, s.min_lr)
+        step_losses = []  # this optimizer step's micro-batch losses (on the device)
         for batch in loader:
             if state.iteration >= s.iters_per_epoch:
                 break
@@ -260,22 +332,20 @@ class Trainer:
             with sync:
                 with autocast_context(self.device, s.amp):
                     loss = self.loss_fn(model, batch)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(
-                        f"loss is {loss_value} at epoch {state.epoch + 1}, iteration {state.iteration} "
-                        f"(optimizer step {state.step + 1}); training stopped")
+                # Checked in should_stop, with the other ranks' losses: no host sync here.
+                self._unchecked.append((loss.detach().float(), state.epoch, state.iteration, state.step + 1))
+                step_losses.append(self._unchecked[-1][0])
                 loss = loss / s.update_freq
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            state.epoch_loss_sum += loss_value
-            state.epoch_loss_count += 1
             state.iteration += 1
             if not boundary:
                 continue
             self._optimizer_step()
+            stop = self.should_stop()  # before the progress line, which a non-finite loss must not reach
             if state.iteration % (s.print_every * s.update_freq) == 0 or state.iteration == s.iters_per_epoch:
-                self._log_progress(progress, loss_value, lr)
-            if self.should_stop():
+                self._log_progress(progress, torch.stack(step_losses).mean(), lr)
+            step_losses = []
+            if stop:
                 if state.iteration < s.iters_per_epoch:
                     self.save()  # mid-epoch; at the end of an epoch fit() saves the epoch checkpoint
                 return False
@@ -298,10 +368,14 @@ class Trainer:
         if self.after_step is not None:
             self.after_step(self.model, self.state.step)
 
-    def _log_progress(self, progress: ProgressMeter, loss_value: float, lr: float) -> None:
-        """A progress line, a log.jsonl record and TensorBoard scalars (rank 0) of the loss over processes."""
+    def _log_progress(self, progress: ProgressMeter, step_loss: torch.Tensor, lr: float) -> None:
+        """A progress line, a log.jsonl record and TensorBoard scalars (rank 0) of the step's loss.
+
+        `step_loss` is this rank's mean over the optimizer step's micro-batches; the line shows its mean
+        over processes.
+        """
         state, s = self.state, self.settings
-        mean_loss = distributed.all_reduce_mean(loss_value, self._reduce_device())
+        mean_loss = float(distributed.all_reduce_mean(step_loss, self._reduce_device()))
         rates = progress.line(state.epoch, s.epochs, state.iteration, s.iters_per_epoch,
                               state.epoch * s.iters_per_epoch + state.iteration, {"loss": mean_loss, "lr": lr})
         record = {"epoch": state.epoch, "iteration": state.iteration, "step": state.step, "loss": mean_loss,
