@@ -153,6 +153,7 @@ def _new_model(cfg: FinetuneConfig, num_classes: int):
 def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     root, classes, _, val = prepare_data(cfg, info)
     path = ckpt.find_resume(cfg.resume, cfg.output_dir) or (Path(cfg.finetune) if cfg.finetune else None)
+    path = distributed.broadcast_object(path)  # rank 0's choice: every rank evaluates the same file
     if path is None:
         raise UsageError(f"--eval needs a checkpoint: --resume PATH, a checkpoint in {cfg.output_dir}, "
                          "or CHECKPOINT")

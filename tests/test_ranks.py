@@ -170,3 +170,22 @@ def test_ranks_that_restore_different_steps_stop_with_a_clear_error(data, tmp_pa
     assert lines[0] == lines[1], lines
     assert "the processes resumed different checkpoints: rank 0 step 2" in lines[0] and "rank 1 step 4" in lines[0]
     assert spread < TIMEOUT_S / 2, f"the ranks stopped {spread:.0f} s apart: one waited for the other"
+
+
+# ---------------------------------------------------------------- through the launcher
+def test_through_the_launcher_a_rank_with_unreadable_images_ends_the_job_with_one_message(data, tmp_path):
+    """`NPROC_PER_NODE=2 launch/pretrain.sh` (torchrun) on a folder with 6 zero-byte images among 22."""
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    for i in range(6):
+        (bad / "train" / "a" / f"zero_{i}.png").write_bytes(b"")
+    args = tiny_args(bad, tmp_path / "out", "--max_bad_fraction", "0.1")  # at most 2 of 22
+    proc = subprocess.run(["bash", str(REPO / "launch" / "pretrain.sh"), *args], cwd=REPO, capture_output=True,
+                          text=True, env={**base_env(tmp_path), "NPROC_PER_NODE": "2"}, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"exit code {proc.returncode}:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    errors = {line for line in text.splitlines() if line.startswith("fcmae-pretrain: error:")}
+    assert len(errors) == 1, errors  # every rank that printed one printed the same
+    assert " of 22 images are unreadable" in errors.pop()
+    assert "launch: rank " in text.strip().splitlines()[-1]
