@@ -14,10 +14,7 @@ they used to decide in bash, with the command's own flag parser:
 4. with `--dry_run` (as MODULE reads it: `--dry_run`, `--dry_run=yes`,
    `--dry_run true` ...), the plan is printed and nothing is started;
    otherwise the plan is printed for several processes, then the launcher
-   replaces this process (torchrun runs in it, as `python -m
-   torch.distributed.run` would: when a rank fails, the ranks have printed
-   their message, so torchrun's traceback gives way to one line and the
-   failing rank's exit code).
+   replaces this process.
 
 `world_from_environment` is the one place that reads the world from the
 environment; a scheduler's variables belong there.
@@ -114,7 +111,7 @@ def launch_argv(world: World, module: str, args: Sequence[str], env: Mapping[str
     if world.launcher == "python":
         return [python, *script]
     if world.launcher == "torchrun":
-        run = [python, "-m", "torch.distributed.run"]
+        run = [python, "-m", "fcmae.runtime.torchrun"]  # torchrun, one line instead of its traceback on failure
         if world.nnodes == 1:
             return [*run, "--standalone", "--nnodes", "1", "--nproc_per_node", str(world.nproc_per_node), *script]
         for name, what in (("MASTER_ADDR", "the address of the node with NODE_RANK=0"),
@@ -166,25 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         command.fail(e)
     if world.launcher != "python":
         print(f"plan checked; starting {world.size} processes with {world.launcher}", flush=True)
-    if world.launcher == "torchrun":
-        run_torchrun(full[3:], env)  # full = [python, -m, torch.distributed.run, ...]
     os.execvpe(full[0], full, env)
-
-
-def run_torchrun(argv: Sequence[str], env: Mapping[str, str]) -> None:
-    """torchrun with `argv` in this process; exits with the code of the first rank that failed, without a traceback."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    os.environ.update(env)
-    try:
-        run(parse_args(list(argv)))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        print(f"launch: rank {rank} exited with code {failure.exitcode}; the other ranks were stopped",
-              file=sys.stderr, flush=True)
-        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""torchrun, as `python -m torch.distributed.run` runs it, but one line instead of a traceback when a rank fails.
+
+    python -m fcmae.runtime.torchrun [torchrun's arguments]
+
+fcmae/runtime/launch.py starts several processes on a node with this. When
+a training process fails, it has printed its own message (a failure that
+one rank meets stops every rank with the same message: see
+fcmae.runtime.trainer.Trainer.should_stop), so torchrun's ChildFailedError
+traceback would only bury it: this prints which rank failed first and exits
+with that rank's exit code (2: bad input, 3: a non-finite loss) instead of 1.
+"""
+
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(list(sys.argv[1:] if argv is None else argv)))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"launch: rank {rank} exited with code {failure.exitcode}; the other ranks were stopped",
+              file=sys.stderr, flush=True)
+        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
