@@ -4,6 +4,7 @@ resume, per-sample seeding of fine-tuning augmentation on each rank, GRN's fp16 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,3 +138,20 @@ def test_minkowski_grn_norm_accumulates_fp16_features_in_fp32():
     half = per_image_l2_rows(x.half(), batch_index, 2)
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
     torch.testing.assert_close(half.float(), expected, rtol=1e-3, atol=0)
+
+
+# ---------------------------------------------------------------- checkpoints are memory-mapped
+def resident_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux's /proc to read resident memory")
+def test_checkpoints_load_memory_mapped_so_ranks_of_a_node_share_the_pages(tmp_path):
+    import argparse
+
+    path = tmp_path / "checkpoint-last.pth"
+    ckpt.save_atomic({"model": {"w": torch.ones(2 ** 24)}, "args": argparse.Namespace(lr=1.0)}, path)
+    before = resident_mb()
+    saved = ckpt.load_checkpoint(path)  # 64 MiB of tensors
+    assert resident_mb() - before < 16, "the load read the whole file into memory"
+    assert saved["args"].lr == 1.0 and saved["model"]["w"].sum().item() == 2 ** 24
