@@ -11,7 +11,8 @@ Parts (--parts, run in the order given; default tests,bench,pretrain):
   backend, eager and compiled, bf16 autocast (fcmae/gpu_bench.py).
 - pretrain: `launch/pretrain.sh` on synthetic images written to a temporary
   image folder (300 steps of base at 224 by default), through the real
-  loader; images/s and the final loss from the run's log.jsonl.
+  loader; images/s and the final loss from the run's log.jsonl (kept as
+  OUT/pretrain_log.jsonl; images and checkpoints go to a temporary folder).
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md, rewritten after every part
 and every bench row, so a run cut short still leaves what it measured.
@@ -223,10 +224,11 @@ def run_pretrain(args, device: torch.device, out: Path) -> Dict:
         side = 256
     epochs = min(epochs, steps)
     per_epoch = -(-steps // epochs)  # steps rounded up to whole epochs
-    run_dir = out / "pretrain_run"
-    with tempfile.TemporaryDirectory(prefix="gpu_check_images_") as data:
-        write_synthetic_images(Path(data), per_epoch * batch, side)
-        cmd = ["bash", str(REPO / "launch" / "pretrain.sh"), *model_args, "--data_path", data,
+    with tempfile.TemporaryDirectory(prefix="gpu_check_pretrain_") as tmp:
+        # Images and checkpoints (a GB for base) stay in a temporary folder; the log is kept in `out`.
+        data, run_dir = Path(tmp) / "images", Path(tmp) / "run"
+        write_synthetic_images(data, per_epoch * batch, side)
+        cmd = ["bash", str(REPO / "launch" / "pretrain.sh"), *model_args, "--data_path", str(data),
                "--output_dir", str(run_dir), "--resume", "none", "--batch_size", str(batch),
                "--effective_batch", str(batch), "--epochs", str(epochs), "--warmup_epochs", "1",
                "--vis_images", "0", "--save_every", "0",
@@ -234,11 +236,10 @@ def run_pretrain(args, device: torch.device, out: Path) -> Dict:
         print("pretrain:", " ".join(cmd), flush=True)
         env = dict(os.environ, NPROC_PER_NODE="1")  # one process: the number is per GPU
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log_text = (run_dir / "log.jsonl").read_text() if (run_dir / "log.jsonl").is_file() else ""
     print("\n".join(proc.stdout.splitlines()[-15:]), flush=True)
-    records = []
-    log_file = run_dir / "log.jsonl"
-    if log_file.is_file():
-        records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    (out / "pretrain_log.jsonl").write_text(log_text)
+    records = [json.loads(line) for line in log_text.splitlines() if line.strip()]
     train = [r for r in records if r.get("type") == "train"]
     result = {"steps": train[-1]["step"] if train else 0, "img_s": None, "final_loss": None}
     if train:

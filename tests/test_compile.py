@@ -29,8 +29,7 @@ def one_graph(fn, *args, **kwargs):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
 
 
-@pytest.mark.parametrize("backend", ["torch", "dense-masked"])
-@pytest.mark.parametrize("given_mask", [False, True])
+@pytest.mark.parametrize("backend,given_mask", [("torch", False), ("torch", True), ("dense-masked", False)])
 def test_fcmae_train_step_is_one_graph(backend, given_mask):
     model = tiny_fcmae(backend).train()
     imgs = torch.randn(2, 3, IMG, IMG)
@@ -38,8 +37,7 @@ def test_fcmae_train_step_is_one_graph(backend, given_mask):
     one_graph(model, imgs, mask)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dense-masked"])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend,masked", [("torch", False), ("torch", True), ("dense-masked", True)])
 def test_encoder_is_one_graph(backend, masked):
     encoder = sparse.build_encoder("atto", backend, TINY_DEPTHS, TINY_DIMS, drop_path_rate=0.1).train()
     imgs = torch.randn(2, 3, IMG, IMG)

@@ -61,7 +61,7 @@ def test_peak_rate_is_unknown_on_cpu():
 def test_quick_cpu_run_writes_every_key(tmp_path):
     out = tmp_path / "check"
     proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), "--device", "cpu", "--quick",
-                           "--out", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           "--backends", "torch,dense-masked,timm", "--out", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
     result = json.loads((out / "gpu_check.json").read_text())
@@ -81,6 +81,7 @@ def test_quick_cpu_run_writes_every_key(tmp_path):
     assert set(pretrain) == {"steps", "img_s", "final_loss"}
     assert pretrain["steps"] == 6 and pretrain["img_s"] > 0 and 0 < pretrain["final_loss"] < 10
     assert "| quick | 4 | step | torch | yes |" in (out / "gpu_check.md").read_text()
+    assert '"type": "train"' in (out / "pretrain_log.jsonl").read_text()
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
