@@ -21,7 +21,8 @@ from timm.layers import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 
 import sparse
-from fcmae.masking import PATCH_SIZE, check_mask_ratio, patchify, random_mask, unpatchify
+from fcmae.masking import PATCH_SIZE, check_mask_ratio, num_kept, patchify, random_mask, unpatchify
+from sparse.encoder import is_compiling
 
 
 def _patch_mean_std(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -126,13 +127,30 @@ class FCMAE(nn.Module):
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum()
 
+    def num_kept(self, imgs: torch.Tensor) -> int:
+        """Visible patches per image of the masks this model draws (from shapes and the ratio)."""
+        gh, gw = self.grid_size(imgs)
+        return num_kept(gh * gw, self.mask_ratio)
+
     def forward(self, imgs: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        """Returns (loss, pred (N, L, p*p*3), mask (N, L), 1 = masked)."""
+        """Returns (loss, pred (N, L, p*p*3), mask (N, L), 1 = masked).
+
+        With mask=None (training) the mask is drawn here and is correct by
+        construction: nothing reads a tensor value, so the step has no host
+        sync and compiles to one graph. A mask passed in is checked in eager
+        mode (clear errors, one sync); under torch.compile it must keep
+        `self.num_kept(imgs)` patches per image, as `random_mask` does.
+        """
         if mask is None:
             mask = self.random_mask(imgs)
-        elif mask.numel() and float(mask.sum()) == 0:
-            raise ValueError("the mask hides no patch, so there is nothing to reconstruct (the loss is undefined)")
-        features = self.encoder(imgs, mask)
+            kept = self.num_kept(imgs)
+        elif is_compiling():
+            kept = self.num_kept(imgs)
+        else:
+            if torch.is_tensor(mask) and mask.numel() and float(mask.sum()) == 0:
+                raise ValueError("the mask hides no patch, so there is nothing to reconstruct (the loss is undefined)")
+            kept = None  # the encoder checks the mask and reads the count
+        features = self.encoder(imgs, mask, num_kept=kept)
         pred = self.forward_decoder(features, mask)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask

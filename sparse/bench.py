@@ -18,17 +18,9 @@ from typing import Callable, Dict, List
 
 import torch
 
+from fcmae.masking import random_mask
 from sparse.encoder import BACKENDS, build_encoder, sites_class
 from sparse.sizes import MODEL_SIZES
-
-
-def random_mask(batch: int, num_patches: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """(N, L) 0/1 mask, 1 = masked, with the same number of kept patches per image."""
-    num_keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch, num_patches, generator=generator)
-    mask = torch.ones(batch, num_patches)
-    mask.scatter_(1, noise.argsort(1)[:, :num_keep], 0.0)
-    return mask
 
 
 def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
@@ -83,7 +75,7 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
     dense.load_state_dict(to_timm(encoder.state_dict()), strict=False)
     imgs = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
     num_patches = (args.img_size // 32) ** 2
-    mask = random_mask(args.batch, num_patches, args.mask_ratio, gen).to(device)
+    mask = random_mask(args.batch, num_patches, args.mask_ratio, generator=gen).to(device)
 
     steps: Dict[str, Callable[[], torch.Tensor]] = {"dense (timm)": lambda: dense.forward_features(imgs).sum()}
     for name in backends:

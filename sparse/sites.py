@@ -18,6 +18,8 @@ Both keep features channels-last, so LayerNorm and Linear layers act on the
 last axis in either case.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from timm.layers import drop_path as timm_drop_path
@@ -74,14 +76,18 @@ class PatchSites(Sites):
 
     needs_equal_keep = True
 
-    def __init__(self, visible: torch.Tensor):
+    def __init__(self, visible: torch.Tensor, num_kept: Optional[int] = None):
+        """`num_kept`: kept patches per image when known (no host sync); None reads it from `visible`."""
         super().__init__(visible)
         n = self.batch_size
         flat = visible.reshape(n, -1)
-        keep_counts = flat.sum(1)
-        self.num_kept = int(keep_counts[0]) if n else 0
-        # nonzero() returns kept patches in raster order for each image in turn.
-        kept = flat.nonzero()[:, 1].reshape(n, self.num_kept)
+        if num_kept is None:
+            num_kept = int(flat[0].sum()) if n else 0
+        self.num_kept = num_kept
+        # A stable sort puts each image's kept patches first, in raster order:
+        # the indices have a static shape, so no nonzero() (a sync) is needed.
+        order = torch.argsort((~flat).to(torch.uint8), dim=1, stable=True)
+        kept = order[:, :num_kept]
         self.rows = kept // self.grid_w  # (N, K) patch row of each kept patch
         self.cols = kept % self.grid_w  # (N, K) patch column
         self.batch_index = torch.arange(n, device=visible.device).unsqueeze(1)  # (N, 1)
