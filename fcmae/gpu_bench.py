@@ -94,7 +94,7 @@ class MaskedImageDenseEncoder(nn.Module):
 
 def build_case(arch: Arch, backend: str, what: str, device: torch.device):
     """(model, run) where run(model_or_compiled, imgs) does one timed step; the model is on `device`."""
-    from fcmae.engine import build_optimizer
+    from fcmae.optim import build_optimizer
     from fcmae.model import FCMAE, build_fcmae
     from sparse import build_encoder
 

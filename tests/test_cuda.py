@@ -11,9 +11,9 @@ import torch
 
 import sparse
 from fcmae import build_fcmae
-from fcmae.checkpoint import load_checkpoint
-from fcmae.engine import build_optimizer
-from fcmae.logging_utils import read_jsonl
+from fcmae.runtime.checkpoint import load_checkpoint
+from fcmae.optim import build_optimizer
+from fcmae.runtime.logs import read_jsonl
 from tests.helpers import TINY_DEPTHS, TINY_DIMS, assert_close, random_mask, randomize_
 from tests.test_encoder import dense_timm_model, forward_and_grads
 
