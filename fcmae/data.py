@@ -32,7 +32,7 @@ from fcmae.data_stats import IMAGENET_MEAN, IMAGENET_STD, channel_stats, check_m
 from fcmae.gpu_decode import EncodedBatch, EncodedImage, resolve_decode
 from fcmae.image_io import (
     ARRAY_SUFFIXES, LAYOUTS, DataError, PIL_MODE_CHANNELS, PIL_MODE_DTYPE, TIFF_SUFFIXES, ImageFormatError, ImageInfo,
-    _png_header, array_crop, check_compatible, pil_crop, pil_target_mode, read_info, read_unit, scale_to_unit,
+    _png_header, array_crop, check_compatible, check_folder, pil_crop, read_info, read_pil, read_unit, scale_to_unit,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -155,25 +155,10 @@ class ImageFolderDataset(Dataset):
 
     # ------------------------------------------------------------ format
     def _check_format(self, limit: int) -> List[ImageInfo]:
-        """Headers of up to `limit` files spread over the set (first included); all must agree."""
-        picks = np.unique(np.linspace(0, len(self.files) - 1, min(limit, len(self.files))).round().astype(int))
-        infos = []
-        for i in picks:
-            try:
-                infos.append(read_info(self.files[i], self.layout, self.in_chans))
-            except ImageFormatError as e:
-                raise DataError(str(e)) from None
-            except (OSError, Image.DecompressionBombError):
-                continue  # unreadable: skipped (and reported) when met in training
-        if not infos:
-            raise DataError(f"none of the {len(picks)} files checked in {self.root} is a readable image, "
-                            f"e.g. {self.files[0]}")
-        for info in infos:
-            try:
-                check_compatible(info, self.in_chans, infos[0].dtype)
-            except ImageFormatError as e:
-                raise DataError(f"{e} (first file: {infos[0].path}, {infos[0].describe()})") from None
-        return infos
+        try:
+            return check_folder(self.files, self.in_chans, self.layout, limit, str(self.root))
+        except ImageFormatError as e:
+            raise DataError(str(e)) from None
 
     def info(self, index: int) -> ImageInfo:
         """Header of file `index`, checked against the data set's format (ImageFormatError names the file)."""
@@ -199,17 +184,7 @@ class ImageFolderDataset(Dataset):
         16-bit and float images are scaled by their range (never clipped to white); only 1- and 3-channel
         data sets have a Pillow form.
         """
-        if self.in_chans not in (1, 3):
-            raise ImageFormatError(f"{self.files[index]}: a {self.in_chans}-channel image has no Pillow form")
-        info = self.info(index)
-        if info.kind == "pil" and info.dtype == "uint8":
-            with open(info.path, "rb") as f:
-                image = Image.open(f)
-                image.load()  # decode now, so truncated files fail here
-                return image.convert(pil_target_mode(self.in_chans))
-        unit = read_unit(info, self.in_chans)
-        pixels = (np.clip(unit, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        return Image.fromarray(pixels[0] if self.in_chans == 1 else pixels.transpose(1, 2, 0))
+        return read_pil(self.info(index), self.in_chans)
 
     def fixed_batch(self, count: int) -> Optional[torch.Tensor]:
         """`count` images spread over the set, shorter side resized to input_size, centre-cropped, normalised.

@@ -216,6 +216,48 @@ def read_array(info: ImageInfo, in_chans: int) -> np.ndarray:
     return array
 
 
+def read_pil(info: ImageInfo, in_chans: int) -> Image.Image:
+    """An 8-bit Pillow image (RGB for in_chans 3, L for 1) for Pillow transforms and pictures.
+
+    8-bit files are decoded by Pillow (photographs converted per in_chans);
+    16-bit and float images are scaled by their range first, never clipped to white.
+    """
+    mode = pil_target_mode(in_chans)
+    if mode is None:
+        raise ImageFormatError(f"{info.path}: a {in_chans}-channel image has no 8-bit Pillow form")
+    if info.kind == "pil" and info.dtype == "uint8":
+        with open(info.path, "rb") as f:
+            image = Image.open(f)
+            image.load()  # decode now, so truncated files fail here
+            return image.convert(mode)
+    pixels = (np.clip(read_unit(info, in_chans), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return Image.fromarray(pixels[0] if in_chans == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+
+
+def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, where: str = "") -> list:
+    """Headers of up to `limit` of `files`, spread over the list (first included); all must agree.
+
+    Returns the readable ones (unreadable files are left to training to skip and report); raises
+    ImageFormatError naming the first file whose channels or bit depth differ from the first readable one.
+    """
+    picks = np.unique(np.linspace(0, len(files) - 1, min(limit, len(files))).round().astype(int))
+    infos = []
+    for i in picks:
+        try:
+            infos.append(read_info(files[i], layout, in_chans))
+        except (OSError, Image.DecompressionBombError):
+            continue
+    if not infos:
+        raise ImageFormatError(f"none of the {len(picks)} files checked in {where} is a readable image, "
+                               f"e.g. {files[0]}")
+    for info in infos:
+        try:
+            check_compatible(info, in_chans, infos[0].dtype)
+        except ImageFormatError as e:
+            raise ImageFormatError(f"{e} (first file: {infos[0].path}, {infos[0].describe()})") from None
+    return infos
+
+
 def read_unit(info: ImageInfo, in_chans: int) -> np.ndarray:
     """The whole image as a float32 (C, H, W) array in [0, 1] (integers scaled by their dtype's maximum)."""
     return scale_to_unit(read_array(info, in_chans))

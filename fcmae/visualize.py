@@ -23,8 +23,6 @@ from fcmae.masking import upsample_mask
 def _to_uint8(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(N, C, H, W) normalised -> (N, H, W, 3) uint8: grey for C < 3, the first three channels for C >= 3."""
     c = imgs.shape[1]
-    if len(mean) != c or len(std) != c:
-        raise ValueError(f"mean and std need {c} values (one per channel), got {len(mean)} and {len(std)}")
     m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
     x = (imgs.float().cpu() * s + m).clamp(0, 1)
@@ -36,6 +34,9 @@ def _to_uint8(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
 def reconstruction_grid(model, imgs: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD, gap: int = 2) -> np.ndarray:
     """An (H', W', 3) uint8 picture: one row per image, four columns (see module docstring)."""
+    c = imgs.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean and std need {c} values (one per channel), got {len(mean)} and {len(std)}")
     recon = model.reconstruct(imgs, pred).cpu()
     imgs = imgs.float().cpu()
     pix_mask = upsample_mask(mask.float().cpu(), model.grid_size(imgs), model.patch_size)  # 1 = masked
