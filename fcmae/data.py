@@ -28,11 +28,13 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision import transforms
 
-from fcmae.data_stats import IMAGENET_MEAN, IMAGENET_STD, channel_stats, check_mean_std, resolve_mean_std  # noqa: F401
+from fcmae.data_stats import (  # noqa: F401 (channel_stats, check_mean_std: part of this module's API)
+    IMAGENET_MEAN, IMAGENET_STD, channel_stats, check_mean_std, resolve_mean_std,
+)
 from fcmae.gpu_decode import EncodedBatch, EncodedImage, resolve_decode
 from fcmae.image_io import (
     ARRAY_SUFFIXES, LAYOUTS, DataError, PIL_MODE_CHANNELS, PIL_MODE_DTYPE, TIFF_SUFFIXES, ImageFormatError, ImageInfo,
-    _png_header, array_crop, check_compatible, check_folder, pil_crop, read_info, read_pil, read_unit, scale_to_unit,
+    _png_header, array_crop, check_compatible, check_folder, pil_crop, pil_target_mode, read_info, read_pil, read_unit, scale_to_unit,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -149,7 +151,10 @@ class ImageFolderDataset(Dataset):
         self.dtype = infos[0].dtype
         self.bit_depth = infos[0].bit_depth
         self.decode = resolve_decode(decode, infos, self.in_chans, self.dtype, cuda)
-        self.mean, self.std = resolve_mean_std(mean, std, self, logger=logger)
+        if transform is not None and mean is None and std is None:
+            self.mean = self.std = None  # the transform normalises
+        else:
+            self.mean, self.std = resolve_mean_std(mean, std, self, logger=logger)
         self._decoders = {}
         self._affine = None
 
@@ -237,7 +242,7 @@ class ImageFolderDataset(Dataset):
                                      PIL_MODE_DTYPE.get(image.mode, "uint8"), "pil", mode=image.mode)
                     check_compatible(info, self.in_chans, self.dtype)
                     box, flip = self.sample_crop(image.height, image.width, index)
-                    if info.dtype == "uint8":
+                    if info.dtype == "uint8" and pil_target_mode(self.in_chans) is not None:
                         if self.decode == "gpu" and image.format == "JPEG" and image.mode in ("RGB", "L"):
                             f.seek(0)
                             return EncodedImage(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8),
@@ -247,7 +252,9 @@ class ImageFolderDataset(Dataset):
                         pixels = np.asarray(crop).reshape(size, size, -1)
                         pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
                         return pixels if self.decode == "gpu" else self.normalise(pixels, 255.0)
-                    unit = torch.from_numpy(scale_to_unit(np.asarray(image)))[None]
+                    stored = np.asarray(image)  # as stored (RGBA: Pillow's resize would premultiply alpha)
+                    stored = stored if stored.ndim == 3 else stored[..., None]
+                    unit = torch.from_numpy(scale_to_unit(stored).transpose(2, 0, 1))
                 return self._finish(array_crop(unit, box, size), flip)
         info = self.info(file_index)
         box, flip = self.sample_crop(info.height, info.width, index)
@@ -275,7 +282,7 @@ class ImageFolderDataset(Dataset):
         if self.transform is not None:
             # Seed the augmentation by (seed, epoch, index) without touching the caller's RNG.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
                 image = self.transform(image)
         return image, tuple(bad)
 

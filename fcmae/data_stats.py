@@ -9,7 +9,7 @@ resumed run and fine-tuning reuse them instead of computing them again.
 """
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image

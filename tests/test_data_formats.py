@@ -154,3 +154,16 @@ def test_mean_std_validation_and_auto_statistics(tmp_path):
     x, _ = ds[0]
     expected = torch.full((8, 8), (0.0 - ds.mean[0]) / ds.std[0])  # file 0 has 0 in channel 0
     torch.testing.assert_close(x[0], expected, atol=1e-4, rtol=0)
+
+
+def test_four_channel_8bit_png_keeps_its_channels_as_stored(tmp_path):
+    """RGBA as 4 data channels: no alpha premultiplication (Pillow's RGBA resize would apply it)."""
+    root = folder(tmp_path)
+    pixels = np.zeros((40, 60, 4), np.uint8)
+    pixels[...] = (200, 100, 50, 10)
+    Image.fromarray(pixels, "RGBA").save(root / "a.png")
+    ds = ImageFolderDataset(root, input_size=16, in_chans=4, mean=[0] * 4, std=[1] * 4)
+    x, bad = ds[0]
+    assert not bad and x.shape == (4, 16, 16)
+    torch.testing.assert_close(x, torch.tensor([200, 100, 50, 10]).div(255).view(4, 1, 1).expand(4, 16, 16),
+                               atol=1e-5, rtol=0)
