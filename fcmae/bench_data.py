@@ -102,7 +102,15 @@ def run(args) -> int:
         raise DataError("--data_path is required (or --make_photos DIR to create test photographs)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _bench(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(args) -> int:
     root = find_image_root(args.data_path)
     ours = ImageFolderDataset(root, input_size=args.input_size, seed=0)
     base = baseline_dataset(root, args.input_size)

@@ -167,3 +167,14 @@ def test_four_channel_8bit_png_keeps_its_channels_as_stored(tmp_path):
     assert not bad and x.shape == (4, 16, 16)
     torch.testing.assert_close(x, torch.tensor([200, 100, 50, 10]).div(255).view(4, 1, 1).expand(4, 16, 16),
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fmt, in_chans, dtype", [("png16", 1, "uint16"), ("npy4", 4, "uint16")])
+def test_domain_demo_folders(tmp_path, fmt, in_chans, dtype):
+    from fcmae.demo_data import demo_pretrain_folder
+
+    root = demo_pretrain_folder(tmp_path, crop_size=32, per_photo=1, fmt=fmt) / "train"
+    ds = ImageFolderDataset(root, input_size=32, in_chans=in_chans, logger=None)
+    assert (ds.in_chans, ds.dtype, len(ds.mean)) == (in_chans, dtype, in_chans)
+    unit = ds.load_unit(0)
+    assert unit.shape == (in_chans, 32, 32) and float(unit.max()) > 0.3  # the full 16-bit range is used

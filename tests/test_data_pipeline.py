@@ -142,3 +142,22 @@ def test_gpu_path_logic_on_cpu(tmp_path, big_jpegs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_path_on_cuda_matches_cpu_path(big_jpegs):
     gpu_path_matches_cpu_path(big_jpegs, "cuda")
+
+
+def test_bench_data_prints_a_line_per_pipeline_and_the_ratio(tmp_path, capsys):
+    from fcmae import bench_data
+
+    bench_data.make_photos(tmp_path, 160, 120, 2)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_data.main(["--data_path", str(tmp_path), "--input_size", "32", "--seconds", "0.1"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[1:3]] == ["fcmae-cpu", "torchvision"]
+    rates = [float(line.split()[1]) for line in lines[1:3]]
+    assert all(r > 0 for r in rates) and lines[-1].startswith("ratio ")
+    assert float(lines[-1].split()[1]) == pytest.approx(rates[0] / rates[1], rel=0.05)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            bench_data.main(["--data_path", str(tmp_path), "--device", "cuda"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == "bench_data: error: --device cuda: no CUDA device is available"
