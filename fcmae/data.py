@@ -33,14 +33,13 @@ from fcmae.data_stats import (  # noqa: F401 (channel_stats, check_mean_std: par
 )
 from fcmae.gpu_decode import EncodedBatch, EncodedImage, resolve_decode
 from fcmae.image_io import (
-    ARRAY_SUFFIXES, LAYOUTS, DataError, PIL_MODE_CHANNELS, PIL_MODE_DTYPE, TIFF_SUFFIXES, ImageFormatError, ImageInfo,
-    _png_header, array_crop, check_compatible, check_folder, pil_crop, pil_target_mode, read_info, read_pil, read_unit, scale_to_unit,
+    LAYOUTS, DataError, ImageFormatError, ImageInfo, array_crop, check_compatible, check_folder, pil_crop, pil_info,
+    pil_target_mode, read_info, read_pil, read_unit, scale_to_unit, uses_pillow,
 )
 
 PathLike = Union[str, os.PathLike]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".npy")
-NON_PIL_SUFFIXES = ARRAY_SUFFIXES + TIFF_SUFFIXES
 MAX_IN_CHANS = 1024
 
 
@@ -233,32 +232,32 @@ class ImageFolderDataset(Dataset):
         """The augmented sample `index` from file `file_index`: a normalised tensor or, for decode='gpu', an
         `EncodedImage` (JPEG bytes + box) or uint8 crop that `to_device` finishes."""
         path = self.files[file_index]
-        size = self.input_size
-        if path.suffix.lower() not in NON_PIL_SUFFIXES:
-            png = _png_header(path) if path.suffix.lower() == ".png" else None
-            if png is None or png[2] != 16:
-                with open(path, "rb") as f, Image.open(f) as image:
-                    info = ImageInfo(str(path), image.height, image.width, PIL_MODE_CHANNELS.get(image.mode, 0),
-                                     PIL_MODE_DTYPE.get(image.mode, "uint8"), "pil", mode=image.mode)
-                    check_compatible(info, self.in_chans, self.dtype)
-                    box, flip = self.sample_crop(image.height, image.width, index)
-                    if info.dtype == "uint8" and pil_target_mode(self.in_chans) is not None:
-                        if self.decode == "gpu" and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                            f.seek(0)
-                            return EncodedImage(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8),
-                                                torch.tensor([*box, int(flip)]))
-                        crop = pil_crop(image, box, size, self.in_chans)
-                        crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
-                        pixels = np.asarray(crop).reshape(size, size, -1)
-                        pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-                        return pixels if self.decode == "gpu" else self.normalise(pixels, 255.0)
-                    stored = np.asarray(image)  # as stored (RGBA: Pillow's resize would premultiply alpha)
-                    stored = stored if stored.ndim == 3 else stored[..., None]
-                    unit = torch.from_numpy(scale_to_unit(stored).transpose(2, 0, 1))
-                return self._finish(array_crop(unit, box, size), flip)
+        if uses_pillow(path):
+            with open(path, "rb") as f, Image.open(f) as image:
+                return self._crop_pillow(image, f, index)
         info = self.info(file_index)
         box, flip = self.sample_crop(info.height, info.width, index)
-        return self._finish(array_crop(torch.from_numpy(read_unit(info, self.in_chans)), box, size), flip)
+        return self._finish(array_crop(torch.from_numpy(read_unit(info, self.in_chans)), box, self.input_size), flip)
+
+    def _crop_pillow(self, image: Image.Image, f, index: int):
+        size = self.input_size
+        info = pil_info(f.name, image)
+        check_compatible(info, self.in_chans, self.dtype)
+        box, flip = self.sample_crop(image.height, image.width, index)
+        if self.decode == "gpu" and image.format == "JPEG" and image.mode in ("RGB", "L"):
+            f.seek(0)
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            return EncodedImage(data, torch.tensor([*box, int(flip)]))
+        if info.dtype == "uint8" and pil_target_mode(self.in_chans) is not None:
+            crop = pil_crop(image, box, size, self.in_chans)
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
+            pixels = np.asarray(crop).reshape(size, size, -1)
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+            return pixels if self.decode == "gpu" else self.normalise(pixels, 255.0)
+        stored = np.asarray(image)  # as stored (RGBA: Pillow's resize would premultiply alpha)
+        stored = stored if stored.ndim == 3 else stored[..., None]
+        unit = torch.from_numpy(scale_to_unit(stored).transpose(2, 0, 1))
+        return self._finish(array_crop(unit, box, size), flip)
 
     def _finish(self, unit: torch.Tensor, flip: bool) -> torch.Tensor:
         if self.decode == "gpu":

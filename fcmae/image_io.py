@@ -89,7 +89,7 @@ class ImageInfo:
         return f"{self.channels} channel(s) of {self.dtype}"
 
 
-def _png_header(path: PathLike) -> Optional[Tuple[int, int, int, int]]:
+def png_header(path: PathLike) -> Optional[Tuple[int, int, int, int]]:
     """(width, height, bit depth, colour type) from a PNG's IHDR, or None when it is not a PNG."""
     with open(path, "rb") as f:
         head = f.read(29)
@@ -147,16 +147,29 @@ def read_info(path: PathLike, layout: str = "auto", in_chans: Optional[int] = No
         if axes.endswith("S"):
             return ImageInfo(path, shape[0], shape[1], shape[2], dtype.name, "tiff", layout="HWC")
         return ImageInfo(path, shape[1], shape[2], shape[0], dtype.name, "tiff", layout="CHW")
-    png = _png_header(path) if suffix == ".png" else None
+    png = png_header(path) if suffix == ".png" else None
     if png is not None and png[2] == 16:
         width, height, _, color = png
         return ImageInfo(path, height, width, PNG_COLOR_CHANNELS.get(color, 0), "uint16", "png16")
     with Image.open(path) as image:
-        mode, (width, height) = image.mode, image.size
-    if mode not in PIL_MODE_CHANNELS:
-        raise ImageFormatError(f"{path}: unsupported Pillow image mode {mode!r}")
-    return ImageInfo(path, height, width, PIL_MODE_CHANNELS[mode], PIL_MODE_DTYPE.get(mode, "uint8"), "pil",
-                     mode=mode)
+        return pil_info(path, image)
+
+
+def pil_info(path: PathLike, image: Image.Image) -> ImageInfo:
+    """The ImageInfo of an opened (not necessarily loaded) Pillow image."""
+    if image.mode not in PIL_MODE_CHANNELS:
+        raise ImageFormatError(f"{path}: unsupported Pillow image mode {image.mode!r}")
+    return ImageInfo(str(path), image.height, image.width, PIL_MODE_CHANNELS[image.mode],
+                     PIL_MODE_DTYPE.get(image.mode, "uint8"), "pil", mode=image.mode)
+
+
+def uses_pillow(path: PathLike) -> bool:
+    """Whether `read_info` reads this file with Pillow (everything but .npy, TIFF and 16-bit PNG)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in ARRAY_SUFFIXES or suffix in TIFF_SUFFIXES:
+        return False
+    png = png_header(path) if suffix == ".png" else None
+    return png is None or png[2] != 16
 
 
 def _check_dtype(path: str, dtype: np.dtype) -> None:
