@@ -285,6 +285,11 @@ class ImageFolderDataset(Dataset):
                 image = self.transform(image)
         return image, tuple(bad)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_decoders"] = {}  # CUDA tensors never travel to loader workers
+        return state
+
     def to_device(self, images, device) -> torch.Tensor:
         """A collated batch of images as a normalised float tensor on `device` (GPU-decoding it when encoded)."""
         if torch.is_tensor(images):

@@ -128,8 +128,8 @@ def read_info(path: PathLike, layout: str = "auto", in_chans: Optional[int] = No
     if suffix in ARRAY_SUFFIXES:
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise ImageFormatError(f"{path}: not a readable .npy array ({e})") from None
+        except ValueError as e:  # unreadable, like a truncated JPEG: skipped and reported by training
+            raise OSError(f"{path}: not a readable .npy array ({e})") from None
         _check_dtype(path, array.dtype)
         kind_layout, channels, height, width = _array_layout(path, array.shape, layout, in_chans)
         return ImageInfo(path, height, width, channels, array.dtype.name, "npy", layout=kind_layout)

@@ -178,3 +178,14 @@ def test_domain_demo_folders(tmp_path, fmt, in_chans, dtype):
     assert (ds.in_chans, ds.dtype, len(ds.mean)) == (in_chans, dtype, in_chans)
     unit = ds.load_unit(0)
     assert unit.shape == (in_chans, 32, 32) and float(unit.max()) > 0.3  # the full 16-bit range is used
+
+
+def test_fixed_batch_for_the_reconstruction_picture(tmp_path):
+    root = folder(tmp_path)
+    for i in range(3):
+        np.save(root / f"{i}.npy", np.full((2, 30, 50), 0.25 * (i + 1), np.float32))
+    (root / "3.npy").write_bytes(b"broken")
+    ds = ImageFolderDataset(root, input_size=16, in_chans=2, mean=[0.5, 0.5], std=[0.25, 0.25], check_files=3)
+    batch = ds.fixed_batch(4)  # the broken file is left out
+    assert batch.shape == (3, 2, 16, 16)
+    torch.testing.assert_close(batch[:, 0, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
