@@ -58,6 +58,8 @@ class FCMAE(nn.Module):
         if decoder_depth < 1 or decoder_dim < 1:
             raise ValueError(f"decoder_dim and decoder_depth must be positive, got {decoder_dim}, {decoder_depth}")
         check_mask_ratio(mask_ratio, (img_size // patch_size) ** 2)
+        if getattr(encoder, "in_chans", in_chans) != in_chans:
+            raise ValueError(f"the encoder takes {encoder.in_chans} input channels but in_chans is {in_chans}")
         self.img_size, self.patch_size, self.mask_ratio = img_size, patch_size, float(mask_ratio)
         self.norm_pix_loss, self.in_chans = bool(norm_pix_loss), in_chans
         self.decoder_dim, self.decoder_depth = decoder_dim, decoder_depth
@@ -179,12 +181,15 @@ def build_fcmae(
     norm_pix_loss: bool = True,
     backend: str = "torch",
     init_std: float = 0.02,
+    in_chans: int = 3,
     **encoder_overrides,
 ) -> FCMAE:
     """FCMAE around the sparse encoder of `size` (e.g. 'atto' or 'convnextv2_atto').
 
-    `encoder_overrides` go to `sparse.build_encoder` (depths, dims, drop_path_rate).
+    `in_chans`: image channels; the encoder's stem and the prediction layer (p*p*in_chans per patch)
+    follow it. `encoder_overrides` go to `sparse.build_encoder` (depths, dims, drop_path_rate).
     """
-    encoder = sparse.build_encoder(size, backend=backend, **encoder_overrides)
+    encoder = sparse.build_encoder(size, backend=backend, in_chans=in_chans, **encoder_overrides)
     return FCMAE(encoder, img_size=img_size, patch_size=patch_size, mask_ratio=mask_ratio,
-                 decoder_dim=decoder_dim, decoder_depth=decoder_depth, norm_pix_loss=norm_pix_loss, init_std=init_std)
+                 decoder_dim=decoder_dim, decoder_depth=decoder_depth, norm_pix_loss=norm_pix_loss,
+                 init_std=init_std, in_chans=in_chans)

@@ -157,10 +157,10 @@ def infer_arch(state_dict: StateDict) -> Tuple[Tuple[int, ...], Tuple[int, ...]]
     return tuple(depths), tuple(dims)
 
 
-def expected_shapes(depths: Sequence[int], dims: Sequence[int], conv_mlp: bool, head_classes: int = 0
-                    ) -> Dict[str, Tuple[int, ...]]:
+def expected_shapes(depths: Sequence[int], dims: Sequence[int], conv_mlp: bool, head_classes: int = 0,
+                    in_chans: int = 3) -> Dict[str, Tuple[int, ...]]:
     """Names and shapes of timm's ConvNeXt V2 encoder (plus the head when head_classes > 0)."""
-    shapes = {"stem.0.weight": (dims[0], 3, 4, 4), "stem.0.bias": (dims[0],),
+    shapes = {"stem.0.weight": (dims[0], in_chans, 4, 4), "stem.0.bias": (dims[0],),
               "stem.1.weight": (dims[0],), "stem.1.bias": (dims[0],)}
     fc = (lambda o, i: (o, i, 1, 1)) if conv_mlp else (lambda o, i: (o, i))
     for i, (depth, dim) in enumerate(zip(depths, dims)):
@@ -320,6 +320,7 @@ class Conversion:
     conv_mlp: bool
     dropped: Dict[str, str] = field(default_factory=dict)  # key -> why it was left out
     container: str = "bare state dict"
+    in_chans: int = 3  # input channels of the stem: timm.create_model(..., in_chans=in_chans) loads it
 
     @property
     def size(self) -> Optional[str]:
@@ -385,8 +386,10 @@ def convert(obj, conv_mlp: Optional[bool] = None, size: Optional[str] = None) ->
             value = value.reshape(*value.shape[:2], 1, 1) if conv_mlp else value.reshape(value.shape[0], -1)
         out[key] = value
     head_classes = int(out["head.fc.weight"].shape[0]) if "head.fc.weight" in out else 0
-    _check_complete(out, expected_shapes(depths, dims, conv_mlp, head_classes), source)
-    return Conversion(out, source, depths, dims, conv_mlp, dropped, container)
+    stem = out.get("stem.0.weight")
+    in_chans = int(stem.shape[1]) if stem is not None and stem.dim() == 4 else 3
+    _check_complete(out, expected_shapes(depths, dims, conv_mlp, head_classes, in_chans), source)
+    return Conversion(out, source, depths, dims, conv_mlp, dropped, container, in_chans=in_chans)
 
 
 def _check_complete(weights: StateDict, expected: Dict[str, Tuple[int, ...]], source: str) -> None:
@@ -434,10 +437,11 @@ def verify(conversion: Conversion, image_size: int = 64, seed: int = 0) -> float
     import sparse
 
     gen = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(1, 3, image_size, image_size, generator=gen)
-    encoder = sparse.build_encoder(conversion.size or "atto", depths=conversion.depths, dims=conversion.dims).eval()
+    imgs = torch.randn(1, conversion.in_chans, image_size, image_size, generator=gen)
+    encoder = sparse.build_encoder(conversion.size or "atto", depths=conversion.depths, dims=conversion.dims,
+                                   in_chans=conversion.in_chans).eval()
     encoder.load_state_dict(to_encoder(conversion.state_dict), strict=True)
-    dense = build_dense(conversion.depths, conversion.dims, conversion.conv_mlp).eval()
+    dense = build_dense(conversion.depths, conversion.dims, conversion.conv_mlp, in_chans=conversion.in_chans).eval()
     missing, unexpected = dense.load_state_dict(conversion.state_dict, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise ConversionError(f"the dense model did not take the weights: missing {missing}, unexpected {unexpected}")
