@@ -119,22 +119,28 @@ if os.environ.get("SPARSE_DEPTHWISE_METHOD"):
 
 
 # -- the parts -----------------------------------------------------------------
-def halo_windows(sites, dense: torch.Tensor, p: int) -> torch.Tensor:
+def halo_windows(dense: torch.Tensor, index: torch.Tensor, p: int) -> torch.Tensor:
     """(N, H, W, C) zero-filled map -> (N*K, C, p+6, p+6) windows around each kept patch.
 
-    The result is a channels-last view (memory (N*K, p+6, p+6, C)), the
-    layout aten's CPU depthwise kernels are fastest on.
+    `index` comes from `window_index`. The result is a channels-last view
+    (memory (N*K, p+6, p+6, C)), the layout aten's CPU depthwise kernels are
+    fastest on.
     """
     n, h, w, c = dense.shape
-    index = _window_index(sites, p, dense.device)
     padded = F.pad(dense, (0, 0, HALO, HALO, HALO, HALO)).reshape(n * (h + 2 * HALO) * (w + 2 * HALO), c)
     size = p + 2 * HALO
     return padded.index_select(0, index).reshape(-1, size, size, c).permute(0, 3, 1, 2)
 
 
-def _window_index(sites, p: int, device: torch.device) -> torch.Tensor:
-    """Flat row indices of every halo window site in the padded map (cached per stage)."""
-    cache = sites.__dict__.setdefault("_halo_window_index", {})
+def window_index(sites, p: int, device: torch.device) -> torch.Tensor:
+    """Flat row indices of every halo window site in the padded map (cached on `sites` per stage).
+
+    Made outside the autograd.Function, so that no tensor created inside it
+    escapes (torch.compile traces the Function as one subgraph).
+    """
+    cache = getattr(sites, "_halo_window_index", None)
+    if cache is None:
+        cache = sites._halo_window_index = {}
     if p not in cache:
         size = p + 2 * HALO
         width = sites.grid_w * p + 2 * HALO
@@ -160,18 +166,19 @@ def _from_patches(x: torch.Tensor) -> torch.Tensor:
 
 
 def conv_at_patches(sites, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    method: str) -> torch.Tensor:
+                    method: str, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Depthwise 'same' conv of the zero-filled map of x, at the kept patches: (N, K, p, p, C)."""
     n, _, p, _, channels = x.shape
     dense = sites._scatter_patches(x)
     if method == "windows":
-        return _to_patches(F.conv2d(halo_windows(sites, dense, p), weight, bias, groups=channels), n)
+        index = window_index(sites, p, x.device) if index is None else index
+        return _to_patches(F.conv2d(halo_windows(dense, index, p), weight, bias, groups=channels), n)
     out = F.conv2d(dense.permute(0, 3, 1, 2), weight, bias, padding=HALO, groups=channels)
     return sites._gather_patches(out.permute(0, 2, 3, 1), p)
 
 
 def weight_grad_at_patches(sites, x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
-                           method: str) -> torch.Tensor:
+                           method: str, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient of sum(conv_at_patches(x) * grad_out) w.r.t. the (C, 1, 7, 7) weight."""
     n, k, p, _, channels = x.shape
     dense = sites._scatter_patches(x)
@@ -180,7 +187,8 @@ def weight_grad_at_patches(sites, x: torch.Tensor, grad_out: torch.Tensor, weigh
         return torch.ops.aten.convolution_backward(
             grad_dense, dense.permute(0, 3, 1, 2), weight, None, [1, 1], [HALO, HALO], [1, 1], False, [0, 0],
             channels, [False, True, False])[1]
-    windows = halo_windows(sites, dense, p)
+    index = window_index(sites, p, x.device) if index is None else index
+    windows = halo_windows(dense, index, p)
     if method == "windows":
         return torch.ops.aten.convolution_backward(
             _from_patches(grad_out), windows, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
@@ -201,14 +209,14 @@ class VisibleDepthwiseConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sites, method: DepthwiseMethod):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, sites, method: DepthwiseMethod, index: Optional[torch.Tensor]):
+        ctx.save_for_backward(x, weight, index)
         ctx.sites, ctx.method = sites, method
-        return conv_at_patches(sites, x, weight, bias, method.conv)
+        return conv_at_patches(sites, x, weight, bias, method.conv, index)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight, index = ctx.saved_tensors
         sites, method = ctx.sites, ctx.method
         # Under autocast the forward conv ran in a lower precision than the
         # saved fp32 tensors: compute the gradients in the dtype of grad_out.
@@ -217,9 +225,18 @@ class VisibleDepthwiseConv(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # The transpose of a 'same' stride-1 conv is the conv with the flipped kernel.
-            grad_x = conv_at_patches(sites, grad_out, weight.flip(2, 3), None, method.conv)
+            grad_x = conv_at_patches(sites, grad_out, weight.flip(2, 3), None, method.conv, index)
         if ctx.needs_input_grad[1]:
-            grad_weight = weight_grad_at_patches(sites, x, grad_out, weight, method.weight_grad)
+            grad_weight = weight_grad_at_patches(sites, x, grad_out, weight, method.weight_grad, index)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 1, 2, 3))
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def visible_depthwise_conv(sites, x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The depthwise `conv` of the kept patches x (N, K, p, p, C), by this device's and stage's method."""
+    p = x.shape[2]
+    method = depthwise_method(x.device.type, p)
+    uses_windows = method.conv == "windows" or method.weight_grad != "dense"
+    index = window_index(sites, p, x.device) if uses_windows else None
+    return VisibleDepthwiseConv.apply(x, conv.weight, conv.bias, sites, method, index)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import drop_path as timm_drop_path
 
-from sparse.depthwise import VisibleDepthwiseConv, depthwise_method
+from sparse.depthwise import visible_depthwise_conv
 
 PATCH_PIXELS = 32  # FCMAE masks 32x32-pixel patches: one site at stride 32.
 
@@ -123,10 +123,8 @@ class PatchSites(Sites):
         return self._patchwise_conv(patches, conv)
 
     def depthwise_conv(self, x, conv):
-        # Forward, input and weight gradient each by the method that is fastest
-        # for this device and stage (sparse/depthwise.py).
-        method = depthwise_method(x.device.type, x.shape[2])
-        return VisibleDepthwiseConv.apply(x, conv.weight, conv.bias, self, method)
+        # Each part by the method that is fastest for this device and stage.
+        return visible_depthwise_conv(self, x, conv)
 
     def downsample(self, x, conv):
         return self._patchwise_conv(x, conv)

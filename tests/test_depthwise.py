@@ -65,7 +65,8 @@ def test_autograd_function_with_each_method(p, method):
     sites, x, grad_out, weight, bias = stage(p, seed=3)
     expected = dense_reference(sites, x, grad_out, weight, bias)
     x, weight, bias = (t.clone().requires_grad_(True) for t in (x, weight, bias))
-    out = depthwise.VisibleDepthwiseConv.apply(x, weight, bias, sites, depthwise.parse_method(method))
+    index = depthwise.window_index(sites, p, x.device)
+    out = depthwise.VisibleDepthwiseConv.apply(x, weight, bias, sites, depthwise.parse_method(method), index)
     (out * grad_out).sum().backward()
     for actual, reference in zip((out.detach(), x.grad, weight.grad, bias.grad), expected):
         assert_close(actual, reference)
@@ -90,3 +91,23 @@ def test_method_table_and_overrides():
         depthwise.set_depthwise_method("dense,fast", "cuda")
     with pytest.raises(ValueError, match="expected 'conv,weight_grad'"):
         depthwise.parse_method("dense")
+
+
+@pytest.mark.parametrize("method", ["windows,windows", "dense,loop"])
+def test_traces_without_graph_breaks(method):
+    """torch.compile sees the Function as one graph: no tensor made inside it escapes (index made outside)."""
+    import torch._dynamo as dynamo
+
+    sites, x, _, weight, bias = stage(4)
+    parsed = depthwise.parse_method(method)
+
+    def loss(x, weight, bias):
+        index = depthwise.window_index(sites, 4, x.device)
+        return depthwise.VisibleDepthwiseConv.apply(x, weight, bias, sites, parsed, index).square().sum()
+
+    dynamo.reset()
+    try:
+        explained = dynamo.explain(loss)(x.requires_grad_(True), weight.requires_grad_(True), bias)
+    finally:
+        dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
