@@ -70,6 +70,8 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="--mode step/dwconv: wall-clock or this process's CPU time (CPU only; busy machines)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and torch.device(args.device).type != "cpu":
+        parser.error("--clock cpu times CPU work only; use --clock wall with --device " + args.device)
     if args.mode != "encoder":
         from sparse import bench_parts
 
