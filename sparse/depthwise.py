@@ -58,10 +58,12 @@ class DepthwiseMethod(NamedTuple):
 
 
 # Fastest method per (device type, sites per patch side), measured with
-# `python -m sparse.bench --mode dwconv` (BENCHMARKS.md, "Depthwise conv").
-# CPU: 2-core AMD EPYC VM, torch 2.14.1, fp32, atto b16 and tiny b8 at 224,
-# mask ratio 0.6. CUDA: not measured yet; it uses `_FALLBACK` until a GPU
-# run of the same command fills in its rows.
+# `python -m sparse.bench --mode dwconv` (BENCHMARKS.md, "The depthwise conv's
+# methods"), fp32, 224x224, mask ratio 0.6. CPU: atto b16 and tiny b8, 2
+# threads on a 16-core Xeon and 1 thread (CPU time) on the 2-core AMD EPYC VM,
+# same ranking; at p=1 the loop wins for tiny and ties for atto. CUDA: H100,
+# atto b16, tiny b8, base b4: the windows weight gradient is fastest at every
+# stage, the two conv methods tie.
 _DEFAULT_METHODS: Dict[Tuple[str, int], DepthwiseMethod] = {
     ("cpu", 8): DepthwiseMethod("dense", "windows"),
     ("cpu", 4): DepthwiseMethod("dense", "dense"),
