@@ -1,6 +1,13 @@
-"""Time the sparse encoder's forward + backward against the dense timm model.
+"""Time the sparse encoder against the dense timm model, the FCMAE step, or the depthwise conv's methods.
 
     python -m sparse.bench --size tiny --batch 8 --img-size 224 --mask-ratio 0.6 --threads 2
+    python -m sparse.bench --mode step --size atto --batch 16    # full pre-training step
+    python -m sparse.bench --mode dwconv --size tiny --device cuda   # methods of sparse/depthwise.py
+
+--mode encoder (default): encoder forward + backward of each backend and timm.
+--mode step: the full FCMAE pre-training step (forward, loss, backward,
+AdamW) of `fcmae.build_fcmae(size)` with each backend; minimum step time.
+--mode dwconv: every method of the depthwise conv per stage (sparse/depthwise.py).
 
 Every backend and the dense model get the same weights and the same images;
 the sparse backends also get the same mask. Steps are interleaved (one step
@@ -50,7 +57,18 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", default="encoder", choices=["encoder", "step", "dwconv"])
+    parser.add_argument("--profile", action="store_true", help="--mode step: also print a torch.profiler table")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="--mode step/dwconv: wall-clock or this process's CPU time (CPU only; busy machines)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and torch.device(args.device).type != "cpu":
+        parser.error("--clock cpu times CPU work only; use --clock wall with --device " + args.device)
+    if args.mode != "encoder":
+        from sparse import bench_parts
+
+        torch.set_num_threads(args.threads)
+        return bench_parts.bench_step(args) if args.mode == "step" else bench_parts.bench_dwconv(args)
 
     import timm  # the dense baseline
 
