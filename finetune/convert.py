@@ -28,8 +28,9 @@ fine-tuning code reads it, or with --format hf a folder (config.json,
 model.safetensors) for `transformers.ConvNextV2Model.from_pretrained`
 (finetune/hf.py). An OUT ending in .safetensors is written in that format.
 Inputs are read by finetune/weights.py: safetensors, or
-torch.load(weights_only=True), so a file that would run code is refused. The FCMAE decoder (proj, mask_token, decoder, pred)
-is dropped and reported: fine-tuning does not use it.
+torch.load(weights_only=True), so a file that would run code is refused.
+The FCMAE decoder (proj, mask_token, decoder, pred) is dropped and
+reported: fine-tuning does not use it.
 
 All name and layout knowledge lives in this module; everything goes through
 the timm naming, which is also the sparse encoder's (sparse/encoder.py).
@@ -537,7 +538,8 @@ def run(args) -> int:
         print("verify   skipped" + ("" if args.verify is False else " (large model; --verify forces it)"))
     how = write_output(conversion, args.format, args.output)
     name = f"convnextv2_{conversion.size}" if conversion.size else "ConvNeXt(...)"
-    print(f"wrote    {args.output} ({how}; load it into {name}: only the head is new)")
+    hint = "" if args.format == "hf" else f"; load it into {name}: only the head is new"
+    print(f"wrote    {args.output} ({how}{hint})")
     return 0
 
 

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def linprobe_main(args) -> int:
     if args.epochs < 1 or args.head_batch_size < 2 or args.blr <= 0 or not 0 <= args.warmup_epochs <= args.epochs:
-        raise UsageError("--epochs must be >= 1, --head_batch_size >= 2 (BatchNorm), --blr > 0, 0 <= --warmup_epochs <= --epochs")
+        raise UsageError("--epochs must be >= 1, --head_batch_size >= 2 (BatchNorm), --blr > 0, "
+                         "0 <= --warmup_epochs <= --epochs")
     info, model, train_loader, val_loader, classes, cfg = prepare(args)
     if info.is_main:
         print(describe(args, model, classes, cfg, [train_loader, val_loader]), flush=True)

@@ -46,7 +46,8 @@ def _numpy_globals() -> list:
     found = [core.multiarray._reconstruct, np.ndarray, np.dtype]
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by class
     if dtypes is not None:
-        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+        found += [getattr(dtypes, name) for name in dir(dtypes)
+                  if name.endswith("DType") and isinstance(getattr(dtypes, name), type)]
     return found
 
 
@@ -65,6 +66,11 @@ def _refusal(error: Exception) -> str:
     return match.group(1) if match else type(error).__name__
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 def read_weights(path: PathLike) -> Dict[str, Any]:
     """The dict stored in `path` (.safetensors, or a torch file read with weights_only=True), on the CPU.
 
@@ -74,7 +80,7 @@ def read_weights(path: PathLike) -> Dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights not found: {path}")
+        raise WeightsError(f"checkpoint not found: {path}")
     if path.name.endswith(SAFETENSORS_SUFFIX):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -87,13 +93,15 @@ def read_weights(path: PathLike) -> Dict[str, Any]:
         with _allow_numpy():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not re.search(r"GLOBAL|reduce", str(e)):  # no object to build: not a pickle (text, random bytes)
+            raise WeightsError(f"cannot read {path}: not a PyTorch checkpoint ({_refusal(e)})") from None
         raise WeightsError(
             f"refused to load {path}: it holds more than tensors and plain types, and unpickling it could run "
             f"code ({_refusal(e)}). Load only files you trust; re-save the weights as a plain state dict or "
             f".safetensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({first})") from None
+        raise WeightsError(f"cannot read {path}: the file is truncated or not a PyTorch checkpoint "
+                           f"({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, expected a state dict or a checkpoint dict")
     return obj

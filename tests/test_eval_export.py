@@ -72,7 +72,7 @@ def test_hf_export_loads_cleanly_and_equals_timm(tmp_path, size, depths, dims):
             assert_close(got, want, rel=1e-5)
 
 
-def test_hf_export_of_a_classifier_keeps_its_final_norm_and_drops_the_fc(tmp_path, capsys):
+def test_hf_export_of_a_classifier_keeps_its_final_norm_and_drops_the_fc():
     pytest.importorskip("transformers", reason="transformers (the optional 'hf' extra) not installed")
     from finetune.hf import to_hf
 

@@ -93,7 +93,7 @@ def test_knn_and_linprobe_commands(tmp_path, capsys):
 def test_linear_probe_head_is_batchnorm_without_affine_then_linear():
     head = linprobe.LinearProbe(16, 5)
     assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine
-    assert isinstance(head[1], torch.nn.Linear) and float(head[1].bias.abs().sum()) == 0
+    assert isinstance(head[1], torch.nn.Linear) and float(head[1].bias.detach().abs().sum()) == 0
 
 
 def test_checkpoint_weights_are_used(tmp_path, capsys):
@@ -120,7 +120,7 @@ def test_checkpoint_weights_are_used(tmp_path, capsys):
     ("no_classes", "has no class sub-folders"),
     ("one_class", "need at least 2"),
     ("other_size", "size mismatch"),
-    ("missing_file", "weights not found"),
+    ("missing_file", "checkpoint not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, message):
     check_bad_input(tmp_path, capsys, case, message, knn.main)
@@ -221,3 +221,30 @@ def test_python_m_entry_point(tmp_path):
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert "linprobe  top-1" in result.stdout and "top-5" in result.stdout
+
+
+def test_knn_of_the_fcmae_encoder_equals_knn_of_its_converted_weights(tmp_path):
+    """What the pre-training monitor will call: knn_evaluate on FCMAE.encoder (unmasked) during pre-training."""
+    from fcmae.model import build_fcmae
+    from finetune import data as ftdata
+    from finetune.convert import convert
+    from finetune.model import build_model
+    from tests.helpers import randomize_
+    from torch.utils.data import DataLoader
+
+    data = make_folder(tmp_path / "data", per_class=(4, 2))
+    fcmae = randomize_(build_fcmae("atto", img_size=64, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16),
+                                   decoder_dim=16), 3).eval()
+    dense = build_model("atto", 0, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16)).eval()
+    dense.load_state_dict(convert({"model": fcmae.state_dict()}, conv_mlp=False).state_dict, strict=False)
+    classes = ftdata.check_splits(data)
+    transform = ftdata.eval_transform({"input_size": 32, "crop_pct": 1.0})
+    train, val = (DataLoader(ftdata.LabelledFolder(data / split, classes, transform), batch_size=5)
+                  for split in ("train", "val"))
+    device = torch.device("cpu")
+    with torch.no_grad():
+        feats_sparse = knn.extract_features(fcmae.encoder, train, device)[0]
+        feats_dense = knn.extract_features(dense.forward_features, train, device)[0]
+    torch.testing.assert_close(feats_sparse, feats_dense, rtol=1e-5, atol=1e-5)
+    assert knn.knn_evaluate(fcmae.encoder, train, val, device, 3, k=3) == \
+        knn.knn_evaluate(dense.forward_features, train, val, device, 3, k=3)
