@@ -33,7 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-__all__ = ["extract_features", "gather_rows", "knn_classify", "knn_evaluate", "add_common_args", "prepare", "main"]
+__all__ = ["extract_features", "gather_rows", "knn_classify", "knn_evaluate", "make_loaders", "add_common_args",
+           "prepare", "main"]
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -130,7 +131,10 @@ def knn_evaluate(encode: Encode, train_loader, val_loader, device: torch.device,
                  temperature: float = 0.07) -> Dict[str, float]:
     """Weighted kNN top-1/top-5 (in %) of `encode`'s features; every rank passes its own shard loaders.
 
-    Returns {"top1", "top5", "count"} (the same on every rank). Cost: one
+    A pre-training monitor passes `fcmae_model.encoder` (unwrapped from DDP,
+    in eval mode: no drop path) and loaders from `make_loaders`; it restores
+    train mode afterwards. Returns {"top1", "top5", "count"} (the same on
+    every rank). Cost: one
     forward pass over train/ and val/ (split across ranks), the gathered
     training features (N x C floats per rank) and an M/world x N similarity
     product per rank, in chunks.
@@ -213,14 +217,30 @@ def prepare(args):
         info = distributed.init_distributed(args.device)
     except RuntimeError as e:
         raise UsageError(str(e)) from None
-    transform = ftdata.eval_transform(cfg)
+    train_loader, val_loader = make_loaders(cfg["root"], classes, cfg["input_size"], cfg["crop_pct"], args.batch_size,
+                                            args.num_workers, info.rank, info.world_size, info.device)
+    return info, model.to(info.device), train_loader, val_loader, classes, cfg
+
+
+def make_loaders(root, classes: List[str], input_size: int, crop_pct: float, batch_size: int, num_workers: int,
+                 rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None):
+    """(train, val) loaders of this rank's shards of root/train and root/val: centre crops, no augmentation.
+
+    `classes` comes from `finetune.data.check_splits(root)` (which checks the
+    folder); every image is seen by exactly one rank.
+    """
+    from pathlib import Path
+
+    from finetune import data as ftdata
+
+    transform = ftdata.eval_transform({"input_size": input_size, "crop_pct": crop_pct})
     loaders = []
     for split in ("train", "val"):
-        dataset = ftdata.LabelledFolder(cfg["root"] / split, classes, transform)
-        sampler = ftdata.ShardSampler(len(dataset), info.rank, info.world_size)
-        loaders.append(DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                                  num_workers=args.num_workers, pin_memory=info.device.type == "cuda"))
-    return info, model.to(info.device), loaders[0], loaders[1], classes, cfg
+        dataset = ftdata.LabelledFolder(Path(root) / split, classes, transform)
+        sampler = ftdata.ShardSampler(len(dataset), rank, world_size)
+        loaders.append(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                  pin_memory=device is not None and device.type == "cuda"))
+    return loaders[0], loaders[1]
 
 
 def describe(args, model, classes, cfg, loaders) -> str:

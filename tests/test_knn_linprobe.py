@@ -230,17 +230,14 @@ def test_knn_of_the_fcmae_encoder_equals_knn_of_its_converted_weights(tmp_path):
     from finetune.convert import convert
     from finetune.model import build_model
     from tests.helpers import randomize_
-    from torch.utils.data import DataLoader
 
     data = make_folder(tmp_path / "data", per_class=(4, 2))
     fcmae = randomize_(build_fcmae("atto", img_size=64, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16),
                                    decoder_dim=16), 3).eval()
     dense = build_model("atto", 0, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16)).eval()
     dense.load_state_dict(convert({"model": fcmae.state_dict()}, conv_mlp=False).state_dict, strict=False)
-    classes = ftdata.check_splits(data)
-    transform = ftdata.eval_transform({"input_size": 32, "crop_pct": 1.0})
-    train, val = (DataLoader(ftdata.LabelledFolder(data / split, classes, transform), batch_size=5)
-                  for split in ("train", "val"))
+    train, val = knn.make_loaders(data, ftdata.check_splits(data), input_size=32, crop_pct=1.0, batch_size=5,
+                                  num_workers=0)
     device = torch.device("cpu")
     with torch.no_grad():
         feats_sparse = knn.extract_features(fcmae.encoder, train, device)[0]
