@@ -19,12 +19,14 @@ setup(
         "pyyaml>=5.4",
         "scikit-image>=0.19",  # its bundled photographs are the built-in demo data
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"hf": ["transformers>=4.40"], "test": ["pytest>=7", "transformers>=4.40"]},
     entry_points={
         "console_scripts": [
             "fcmae-pretrain=fcmae.main_pretrain:main",
             "fcmae-convert=finetune.convert:main",
             "fcmae-finetune=finetune.main_finetune:main",
+            "fcmae-knn=finetune.knn:main",
+            "fcmae-linprobe=finetune.linprobe:main",
         ]
     },
 )

@@ -39,7 +39,7 @@ from finetune import data as ftdata
 from finetune.config import FinetuneConfig, resolve_config as _resolve
 from finetune.convert import ConversionError
 from finetune.engine import evaluate
-from finetune.model import build_model, load_pretrained
+from finetune.model import build_model, load_pretrained, read_pretrained
 from finetune.optim import build_optimizer
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
@@ -129,8 +129,12 @@ def check_resumable(saved: Dict[str, Any], cfg: FinetuneConfig, path) -> None:
 
 
 def load_weights(model, path) -> None:
-    """Pre-trained weights into `model` (converted on the fly when they are FCMAE's); logs what was loaded."""
-    report = load_pretrained(model, read_checkpoint(path), str(path))
+    """Pre-trained weights from outside into `model` (converted on the fly when they are FCMAE's).
+
+    Read with `read_pretrained` (safetensors, or torch.load with weights_only=True): a file whose
+    unpickling would run code is refused. Logs what was loaded.
+    """
+    report = load_pretrained(model, read_pretrained(path), str(path))
     for line in report.lines():
         log(line)
 
