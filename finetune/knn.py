@@ -202,7 +202,7 @@ def data_config(args) -> Dict:
 
 def prepare(args):
     """(dist info, frozen model, train loader, val loader, classes) for this rank; bad input fails before compute."""
-    from fcmae import distributed
+    from fcmae.runtime import distributed
     from finetune import data as ftdata
     from finetune.model import load_backbone
 
@@ -251,7 +251,7 @@ def describe(args, model, classes, cfg, loaders) -> str:
 
 def run_command(prog: str, body, argv=None, build_parser=None) -> None:
     """Parse, run `body(args)`, print bad input as one line (exit 2); shared by fcmae-knn and fcmae-linprobe."""
-    from fcmae import distributed
+    from fcmae.runtime import distributed
     from fcmae.data import DataError
     from finetune.convert import ConversionError
 
