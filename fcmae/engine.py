@@ -12,6 +12,8 @@ The loop counts two kinds of steps:
   run continues with exactly the same state.
 """
 
+from __future__ import annotations
+
 import math
 import time
 from contextlib import nullcontext

@@ -14,6 +14,8 @@ stop signal arrives, writing log.jsonl, TensorBoard and progress lines; the
 command supplies `loss_fn` (a batch's loss) and `end_epoch` (its summary).
 """
 
+from __future__ import annotations
+
 import random
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
