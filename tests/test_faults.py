@@ -307,6 +307,25 @@ def test_allowed_change_keeps_the_schedule_consistent(mid_epoch_run, tmp_path, i
     assert "--allow_config_change: resuming under changed settings" in text.out
 
 
+def test_position_of_a_checkpoint_without_a_stored_plan_is_carried_over():
+    """Checkpoints written before the plan was stored: the old plan is recomputed from their settings."""
+    from types import SimpleNamespace
+
+    from fcmae.runtime.plan import make_plan
+    from fcmae.runtime.resume_check import align_state, saved_plan
+    from fcmae.runtime.trainer import RunState
+
+    settings = dict(batch_size=4, effective_batch=4, update_freq=None, blr=1e-3, lr=None, epochs=2, warmup_epochs=1)
+    old = saved_plan({"config": settings, "world_size": 1}, 24)
+    assert (old["iters_per_epoch"], old["steps_per_epoch"]) == (6, 6)
+    new = make_plan(SimpleNamespace(**{**settings, "effective_batch": 8}), 1, 24)  # 4 x 2 accumulation
+    state = RunState(epoch=1, iteration=3, step=9)  # 12 + 12 images seen
+    align_state(state, old, new)
+    assert (state.epoch, state.iteration, state.step) == (1, 2, 4)  # 8 images into epoch 2 = its step 1
+    remaining = (new.iters_per_epoch - state.iteration) // new.update_freq
+    assert state.step + remaining == new.total_steps == 6
+
+
 # ---------------------------------------------------------------- 4, 8: the same in fine-tuning
 @pytest.fixture(scope="module")
 def labelled_dir(tmp_path_factory):
