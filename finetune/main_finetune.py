@@ -241,7 +241,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         return criterion(model(images), targets)
 
     trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
-                      {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp), after_step=ema.update if ema is not None else None,
+                      {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp),
+                      after_step=ema.update if ema is not None else None,
                       extra_state=lambda: {"ema": ema.module.state_dict() if ema is not None else None,
                                            "best": best, "classes": classes})
     if saved is not None:
