@@ -282,6 +282,17 @@ def test_resume_with_a_harmless_change_proceeds(mid_epoch_run, tmp_path, image_d
     assert ckpt.load_checkpoint(out / "checkpoint-last.pth")["config"][key] == int(HARMLESS[key])
 
 
+def test_resume_on_a_data_set_of_another_size_stops(mid_epoch_run, tmp_path, image_dir, capsys):
+    """A moved data set is fine (data_path is harmless); one with other images changes the schedule."""
+    smaller = tmp_path / "smaller" / "train" / "a"
+    smaller.mkdir(parents=True)
+    for image in sorted((image_dir / "train" / "a").iterdir())[:20]:
+        shutil.copy(image, smaller)
+    out, code = resume(mid_epoch_run, tmp_path, smaller.parent.parent)
+    err = capsys.readouterr().err
+    assert code == 2 and "number of training images 24 -> 20" in err and "data_path" not in err, err
+
+
 def check_schedule(out, log_path=None):
     """log.jsonl shows each optimizer step of the plan once, in order, none at lr 0, and no step beyond it."""
     saved = ckpt.load_checkpoint(out / "checkpoint-last.pth")
@@ -362,6 +373,7 @@ def test_finetune_resume_with_changed_settings(labelled_dir, tmp_path, capsys, m
     assert "seed" in err and "smoothing" in err and "--allow_config_change" in err and "--resume none" in err, err
     assert finetune(finetune_args(labelled_dir, out, "--effective_batch", "8", "--allow_config_change")) == 0
     check_schedule(out)
+    assert not (out / lock.LOCK_NAME).exists(), "the lock outlived the run"
 
 
 # ---------------------------------------------------------------- 5, 6: disk
