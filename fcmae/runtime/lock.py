@@ -14,8 +14,10 @@ the lock is stale:
 - from another host (whose processes cannot be checked): the file was not
   touched for `STALE_AFTER_S` seconds. This rests on the hosts' clocks (and
   the file server's) agreeing to within minutes.
-A stale lock is taken over. Then the project's temporaries of killed writes
-in the folder are removed (fcmae.runtime.files.remove_stale_temporaries).
+A stale lock is taken over (two runs taking over the same stale lock in the
+same instant may both succeed: the take-over is an unlink, then a create).
+Then the project's temporaries of killed writes in the folder are removed
+(fcmae.runtime.files.remove_stale_temporaries).
 """
 
 from __future__ import annotations
