@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional
 
 import pytest
 
-from fcmae.logging_utils import read_jsonl
+from fcmae.runtime.logs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 # Job states after which a job does not run again on its own.
