@@ -71,7 +71,7 @@ def test_ema_turned_on_at_a_resume_starts_from_the_restored_weights(tmp_path):
     assert restored["step"] == 2 and restored["ema"] is None
     # Resumed with EMA (decay 0.999) for one more step: EMA = 0.999 x its start + 0.001 x the step-3 weights.
     exits_0(main_finetune.main, [*common, "--model_ema", "true", "--model_ema_decay", "0.999",
-                                 "--exit_after_steps", "3"])
+                                 "--exit_after_steps", "3", "--allow_config_change", "true"])
     final = ckpt.load_checkpoint(out / "checkpoint-last.pth")
     assert final["step"] == 3
     for name, start in restored["model"].items():

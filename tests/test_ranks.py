@@ -189,3 +189,24 @@ def test_through_the_launcher_a_rank_with_unreadable_images_ends_the_job_with_on
     assert len(errors) == 1, errors  # every rank that printed one printed the same
     assert " of 22 images are unreadable" in errors.pop()
     assert "launch: rank " in text.strip().splitlines()[-1]
+
+
+def test_the_launchers_exit_code_is_the_first_rank_that_failed_on_its_own(monkeypatch, capsys):
+    """A rank that died of a signal while the others stopped (an abort at exit) does not hide their exit code."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from fcmae.runtime import torchrun
+
+    aborted = ProcessFailure(local_rank=1, pid=11, exitcode=-6, error_file="<N/A>")
+    stopped = ProcessFailure(local_rank=0, pid=10, exitcode=2, error_file="<N/A>")
+    aborted.timestamp, stopped.timestamp = 100, 101
+
+    def failing_run(args):
+        raise ChildFailedError("fcmae.main_pretrain", {0: stopped, 1: aborted})
+
+    monkeypatch.setattr(torch.distributed.run, "run", failing_run)
+    with pytest.raises(SystemExit) as e:
+        torchrun.main(["--standalone", "--nproc_per_node", "2", "-m", "fcmae.main_pretrain"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "launch: rank 0 exited with code 2; the other ranks were stopped"

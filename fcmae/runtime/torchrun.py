@@ -8,6 +8,8 @@ one rank meets stops every rank with the same message: see
 fcmae.runtime.trainer.Trainer.should_stop), so torchrun's ChildFailedError
 traceback would only bury it: this prints which rank failed first and exits
 with that rank's exit code (2: bad input, 3: a non-finite loss) instead of 1.
+A rank that exited with a code of its own counts before one that died of a
+signal (torchrun's SIGTERM to the others, or an abort while exiting).
 """
 
 import sys
@@ -21,7 +23,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         run(parse_args(list(sys.argv[1:] if argv is None else argv)))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        own = {r: f for r, f in e.failures.items() if f.exitcode > 0}
+        rank = min(own or e.failures, key=lambda r: e.failures[r].timestamp)
+        failure = e.failures[rank]
         print(f"launch: rank {rank} exited with code {failure.exitcode}; the other ranks were stopped",
               file=sys.stderr, flush=True)
         sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
