@@ -96,10 +96,10 @@ class Report:
         self.write()
 
     def write(self):
+        from fcmae.runtime.files import write_text_atomic
+
         for name, text in (("gpu_check.json", json.dumps(self.data, indent=2) + "\n"), ("gpu_check.md", self.markdown())):
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(self.out / name)
+            write_text_atomic(self.out / name, text)
 
     def markdown(self) -> str:
         d = self.data

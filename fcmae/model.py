@@ -12,6 +12,7 @@ Parameter names follow the reference release (encoder.*, proj, mask_token,
 decoder.<i>, pred), so finetune/convert.py can take the encoder out.
 """
 
+import inspect
 import re
 from typing import Optional, Tuple
 
@@ -37,6 +38,18 @@ _REFERENCE_INIT = re.compile(r"^(encoder\.stem\.0|encoder\..*\.(conv_dw|mlp\.fc[
 
 
 class FCMAE(nn.Module):
+    """The sparse `encoder` with the decoder and loss of FCMAE.
+
+    Args:
+        img_size: training image side (a multiple of patch_size).
+        patch_size: the encoder's total stride (32).
+        mask_ratio: share of patches hidden per image.
+        decoder_dim, decoder_depth: width and number of the decoder's ConvNeXt V2 blocks.
+        norm_pix_loss: whether the target pixels are normalised per patch.
+        in_chans: image channels (the encoder's, and p*p*in_chans predictions per patch).
+        init_std: std of the truncated-normal init of the kernels in _REFERENCE_INIT (1.0: the reference's).
+    """
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -171,25 +184,21 @@ class FCMAE(nn.Module):
         return self.unpatchify(pred, imgs)
 
 
-def build_fcmae(
-    size: str,
-    img_size: int = 224,
-    patch_size: int = PATCH_SIZE,
-    mask_ratio: float = 0.6,
-    decoder_dim: int = 512,
-    decoder_depth: int = 1,
-    norm_pix_loss: bool = True,
-    backend: str = "torch",
-    init_std: float = 0.02,
-    in_chans: int = 3,
-    **encoder_overrides,
-) -> FCMAE:
+# FCMAE's own settings: its constructor's keywords besides the encoder and in_chans (build_fcmae sorts by them).
+FCMAE_SETTINGS = tuple(name for name in inspect.signature(FCMAE).parameters if name not in ("encoder", "in_chans"))
+
+
+def build_fcmae(size: str, *, backend: str = "torch", in_chans: int = 3, **overrides) -> FCMAE:
     """FCMAE around the sparse encoder of `size` (e.g. 'atto' or 'convnextv2_atto').
 
-    `in_chans`: image channels; the encoder's stem and the prediction layer (p*p*in_chans per patch)
-    follow it. `encoder_overrides` go to `sparse.build_encoder` (depths, dims, drop_path_rate).
+    Args:
+        size: a registered size (sparse/sizes.py).
+        backend: the sparse encoder's backend (torch, dense-masked, minkowski).
+        in_chans: image channels; the encoder's stem and the prediction layer (p*p*in_chans per patch)
+            follow it.
+        overrides: FCMAE's own settings (FCMAE_SETTINGS: img_size, mask_ratio, decoder_dim, ...; see
+            `FCMAE`) go to the model, the rest to `sparse.build_encoder` (depths, dims, drop_path_rate).
     """
-    encoder = sparse.build_encoder(size, backend=backend, in_chans=in_chans, **encoder_overrides)
-    return FCMAE(encoder, img_size=img_size, patch_size=patch_size, mask_ratio=mask_ratio,
-                 decoder_dim=decoder_dim, decoder_depth=decoder_depth, norm_pix_loss=norm_pix_loss,
-                 init_std=init_std, in_chans=in_chans)
+    settings = {name: overrides.pop(name) for name in FCMAE_SETTINGS if name in overrides}
+    encoder = sparse.build_encoder(size, backend=backend, in_chans=in_chans, **overrides)
+    return FCMAE(encoder, in_chans=in_chans, **settings)

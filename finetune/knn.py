@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 from fcmae.knn import knn_evaluate, make_loaders
 from fcmae.runtime.command import UsageError
 
-__all__ = ["add_common_args", "prepare", "main"]
+__all__ = ["add_common_args", "command_parser", "prepare", "main"]
 
 
 # ---------------------------------------------------------------- command line (shared with linprobe)
@@ -52,6 +52,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of `none`")
+
+
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of fcmae-knn or fcmae-linprobe with their common arguments; each command adds its own."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_common_args(p)
+    return p
 
 
 def data_config(args) -> Dict:
@@ -125,9 +132,8 @@ def run_command(prog: str, body, argv=None, build_parser=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fcmae-knn", description="Weighted kNN accuracy of frozen ConvNeXt V2 "
-                                "features (global-average-pooled last stage, L2-normalised).")
-    add_common_args(p)
+    p = command_parser("fcmae-knn", "Weighted kNN accuracy of frozen ConvNeXt V2 features (global-average-pooled "
+                       "last stage, L2-normalised).")
     p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
     return p

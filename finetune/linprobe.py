@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from fcmae.knn import extract_features, sum_over_ranks
-from finetune.knn import UsageError, add_common_args, describe, prepare, run_command
+from finetune.knn import UsageError, command_parser, describe, prepare, run_command
 
 __all__ = ["LinearProbe", "train_probe", "evaluate_probe", "main"]
 
@@ -113,9 +113,8 @@ def evaluate_probe(head: LinearProbe, feats: torch.Tensor, labels: torch.Tensor)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fcmae-linprobe", description="Linear probing (MAE-style: BatchNorm without "
-                                "affine, then Linear) on frozen, cached ConvNeXt V2 features.")
-    add_common_args(p)
+    p = command_parser("fcmae-linprobe", "Linear probing (MAE-style: BatchNorm without affine, then Linear) on "
+                       "frozen, cached ConvNeXt V2 features.")
     p.add_argument("--epochs", type=int, default=90, help="epochs of the linear head (default 90)")
     p.add_argument("--head_batch_size", type=int, default=256, help="rows per step per process (default 256)")
     p.add_argument("--blr", type=float, default=0.1, help="base lr; lr = blr x global batch / 256 (default 0.1)")

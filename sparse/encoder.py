@@ -3,7 +3,7 @@
 Parameter names and shapes follow timm's channels-last `convnextv2_<size>`
 (stem.0, stem.1, stages.i.downsample.{0,1}, stages.i.blocks.j.{conv_dw,
 norm, mlp.fc1, mlp.grn, mlp.fc2}), so converting to the dense model is
-mostly renaming (finetune/convert.py). All backends share these parameters:
+mostly renaming (finetune/layouts.py). All backends share these parameters:
 a backend only decides how the forward pass stores the visible sites
 (sparse/sites.py), so any checkpoint runs with any backend.
 """
