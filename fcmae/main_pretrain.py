@@ -22,18 +22,14 @@ reproduces the losses of an uninterrupted one.
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import torch
-from PIL import Image
-from torchvision import transforms
 
 import sparse
-from fcmae.data import (
-    IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, ImageFolderDataset, collate_images, find_image_root,
-    pretrain_transform,
-)
+from fcmae.data import BadImageTracker, DataError, ImageFolderDataset, collate_images, find_image_root
+from fcmae.data_stats import saved_mean_std
+from fcmae.init_weights import InitWeights, apply_init, check_fits, read_init
 from fcmae.masking import PATCH_SIZE, num_kept
 from fcmae.model import build_fcmae
 from fcmae.optim import build_optimizer
@@ -47,9 +43,11 @@ from fcmae.runtime.plan import Plan, make_plan, plan_lines
 from fcmae.runtime.trainer import LoopSettings, Trainer, autocast_context, grad_scaler, seed_everything, train_loader
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
-MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss")
+MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss", "in_chans")
 # Settings whose change between a checkpoint and the run that resumes it goes unmentioned.
-UNREMARKABLE = ("resume", "dry_run", "world_size", "exit_after_steps", "output_dir", "log_dir")
+UNREMARKABLE = ("resume", "dry_run", "world_size", "exit_after_steps", "output_dir", "log_dir", "init")
+# Values of settings that checkpoints written before the setting existed were trained with.
+OLD_DEFAULTS = {"in_chans": 3}
 
 
 def resolve_config(argv=None) -> PretrainConfig:
@@ -65,7 +63,9 @@ def format_plan(cfg: PretrainConfig, plan: Plan, data: str) -> str:
     return "\n".join([
         "FCMAE pre-training plan",
         f"  model            convnextv2_{cfg.size} (depths {list(depths)}, dims {list(dims)}), "
-        f"decoder {cfg.decoder_depth} x {cfg.decoder_dim}, backend {cfg.backend}",
+        f"decoder {cfg.decoder_depth} x {cfg.decoder_dim}, backend {cfg.backend}, in_chans {cfg.in_chans}",
+        *([f"  init             {cfg.init} (weights only; resuming a checkpoint in output_dir wins)"]
+          if cfg.init else []),
         f"  schedule         {cfg.schedule}: {plan.epochs} epochs, {plan.warmup_epochs} warmup",
         f"  input            {cfg.input_size}x{cfg.input_size}, mask ratio {cfg.mask_ratio} "
         f"({kept} of {grid * grid} patches visible)",
@@ -97,37 +97,44 @@ def data_root(cfg: PretrainConfig, build: bool = True) -> Path:
     return demo_pretrain_folder(crop_size=cfg.demo_crop_size, per_photo=cfg.demo_per_photo) / "train"
 
 
-def vis_batch(dataset: ImageFolderDataset, cfg: PretrainConfig) -> Optional[torch.Tensor]:
-    """A fixed batch (resized, centre-cropped) for the per-epoch reconstruction picture."""
-    count = min(cfg.vis_images, len(dataset))
-    if count == 0:
-        return None
-    tf = transforms.Compose([
-        transforms.Resize(cfg.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(cfg.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    images = []
-    for i in np.linspace(0, len(dataset) - 1, count).round().astype(int):
-        try:
-            images.append(tf(dataset.load(int(i))))
-        except (OSError, ValueError, Image.DecompressionBombError):  # what the training set skips, too
-            continue
-    return torch.stack(images) if images else None
+def build_dataset(cfg: PretrainConfig, root: Path, device: torch.device) -> ImageFolderDataset:
+    """The training set: format checked, decoding chosen, mean/std resolved (computed and printed for auto)."""
+    try:
+        return ImageFolderDataset(root, input_size=cfg.input_size, crop_scale=cfg.crop_scale, seed=cfg.seed,
+                                  in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, decode=cfg.decode,
+                                  layout=cfg.layout, cuda=device.type == "cuda", logger=log)
+    except DataError as e:
+        raise UsageError(str(e)) from None
 
 
 # ---------------------------------------------------------------- checkpoints
-def check_resumable(saved: Dict[str, Any], cfg: PretrainConfig, path) -> List[str]:
-    """Clear error if the checkpoint's model differs from this run's; returns the other changed settings."""
+def check_resumable(saved: Dict[str, Any], cfg: PretrainConfig, path) -> Tuple[PretrainConfig, List[str]]:
+    """Clear error if the checkpoint's model differs from this run's.
+
+    Returns the run's config with the checkpoint's mean/std where the run does not give them as lists (a
+    resumed run normalises as it started, without computing 'auto' again), and the other changed settings.
+    """
     if "model" not in saved or "config" not in saved or "run_state" not in saved:
         raise UsageError(f"{path} is not an FCMAE pre-training checkpoint of this project "
                          f"(keys: {', '.join(sorted(saved)) or 'none'})")
-    model_diffs, changed = ckpt.config_changes(saved["config"], cfg.to_dict(), MODEL_KEYS, UNREMARKABLE)
+    saved_config = {**OLD_DEFAULTS, **saved["config"]}
+    stored = saved_mean_std(saved_config, cfg.in_chans)
+    if stored is not None:
+        cfg = cfg.replace(mean=cfg.mean if isinstance(cfg.mean, tuple) else stored[0],
+                          std=cfg.std if isinstance(cfg.std, tuple) else stored[1])
+    model_diffs, changed = ckpt.config_changes(saved_config, cfg.to_dict(), MODEL_KEYS, UNREMARKABLE)
     if model_diffs:
         raise UsageError(f"cannot resume {path}: it was trained with another model ({'; '.join(model_diffs)}). "
                          "Use another --output_dir, or --resume none to start afresh")
-    return changed
+    return cfg, changed
+
+
+def read_init_weights(cfg: PretrainConfig) -> InitWeights:
+    """The --init file's weights, checked against this run's encoder and decoder (before any data is read)."""
+    depths, dims = sparse.sizes.resolve_arch(cfg.size, cfg.depths, cfg.dims)
+    init = read_init(cfg.init)
+    check_fits(init, depths, dims, cfg.decoder_dim, cfg.decoder_depth)
+    return init
 
 
 # ---------------------------------------------------------------- the run
@@ -152,23 +159,27 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     out = Path(cfg.output_dir)
     check_output_dir(out)
 
-    # Data (before the model, so bad data fails before any compute); rank 0 builds the demo set first.
+    # Everything that can fail on bad input comes before any compute; rank 0 builds the demo set first.
     root = data_root(cfg) if main else None
     distributed.barrier()
     root = root or data_root(cfg)
-    try:
-        dataset = ImageFolderDataset(root, pretrain_transform(cfg.input_size, cfg.crop_scale), seed=cfg.seed)
-    except DataError as e:
-        raise UsageError(str(e)) from None
-    plan = make_plan(cfg, info.world_size, len(dataset))
-
-    # Resume (checked before building the model).
     resume_from = ckpt.find_resume(cfg.resume, out)
     saved = read_checkpoint(resume_from) if resume_from is not None else None
     if saved is not None:
-        changed = check_resumable(saved, cfg, resume_from)
+        cfg, changed = check_resumable(saved, cfg, resume_from)
         if changed:
             log(f"note: resuming with changed settings: {'; '.join(changed)}")
+    init = None
+    if cfg.init and saved is not None:
+        log(f"note: --init {cfg.init} is not used: resuming {resume_from} continues its own weights "
+            "(--resume none starts afresh from --init)")
+    elif cfg.init:
+        init = read_init_weights(cfg)
+    dataset = build_dataset(cfg, root, device)
+    cfg = cfg.replace(mean=dataset.mean, std=dataset.std)  # resolved: saved in config.yaml and the checkpoints
+    log(f"data: {len(dataset)} images of {cfg.in_chans} channel(s) of {dataset.dtype}, decode {dataset.decode}; "
+        f"normalisation mean {list(cfg.mean)}, std {list(cfg.std)}")
+    plan = make_plan(cfg, info.world_size, len(dataset))
     if main:
         print(format_plan(cfg, plan, str(root)), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict()}, out / "config.yaml")
@@ -177,8 +188,13 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     seed_everything(cfg.seed + info.rank)
     model = build_fcmae(cfg.size, img_size=cfg.input_size, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim,
                         decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend,
-                        init_std=cfg.init_std, depths=cfg.depths, dims=cfg.dims,
-                        drop_path_rate=cfg.drop_path).to(device)
+                        init_std=cfg.init_std, depths=cfg.depths, dims=cfg.dims, in_chans=cfg.in_chans,
+                        drop_path_rate=cfg.drop_path)
+    if init is not None:
+        for line in apply_init(model, init):
+            log(line)
+        del init
+    model.to(device)
     optimizer = build_optimizer(model, plan.lr, cfg.weight_decay, cfg.betas, cfg.decay_grn_and_mask_token)
     bad_images = BadImageTracker(len(dataset), cfg.max_bad_fraction, logger=lambda m: log(m, main_only=False))
 
@@ -186,7 +202,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         imgs, bad = batch
         if bad:
             bad_images.update(bad)
-        loss, _, _ = model(imgs.to(device, non_blocking=True))
+        loss, _, _ = model(dataset.to_device(imgs, device))
         return loss
 
     trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir, cfg.to_dict(),
@@ -198,7 +214,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     if state.epoch >= cfg.epochs:
         log(f"nothing to do: {state.epoch} of {cfg.epochs} epochs already done in {out}")
         return 0
-    fixed_imgs = vis_batch(dataset, cfg) if main else None
+    fixed_imgs = dataset.fixed_batch(cfg.vis_images) if main and cfg.vis_images else None
 
     def end_epoch(epoch_loss: float) -> None:
         summary = {"epoch": state.epoch + 1, "loss": epoch_loss, "step": state.step}
@@ -231,7 +247,7 @@ def _save_reconstruction(model, fixed_imgs, cfg: PretrainConfig, device, step: i
         mask = model.random_mask(imgs, generator=torch.Generator(device=device).manual_seed(cfg.seed))
         _, pred, mask = model(imgs, mask)
     model.train(was_training)
-    picture = reconstruction_grid(model, imgs, mask, pred)
+    picture = reconstruction_grid(model, imgs, mask, pred, mean=cfg.mean, std=cfg.std)
     save_png(picture, out / "reconstruction.png")
     tb.image("reconstruction (original | masked | reconstruction | + visible)", picture, step)
     tb.flush()
