@@ -18,6 +18,13 @@ next optimizer step, mid-epoch) both resume exactly where they were taken:
 data order and augmentation depend only on (seed, epoch, sample index), and
 the RNG states of every process are saved, so on CPU a resumed run
 reproduces the losses of an uninterrupted one.
+
+Own data (README "Your own data"): in_chans, mean/std (null, auto or lists;
+resolved values are printed and stored in config.yaml and the checkpoints,
+and a resumed run reuses them), decode (cpu/gpu/auto) and layout (.npy).
+Continued pre-training: --init CKPT starts a new run from the weights of an
+FCMAE checkpoint (fcmae/init_weights.py); a checkpoint to resume in
+output_dir wins over --init.
 """
 
 import os

@@ -19,6 +19,12 @@ well (--model, --finetune, --nb_classes, --layer_decay, --layer_decay_type,
 --resume, else the newest in output_dir, else CHECKPOINT. Checkpoints,
 auto-resume, pre-emption (SIGTERM / SIGUSR1), progress lines, TensorBoard and
 log.jsonl work as in pre-training.
+
+Own data (README "Your own data"): in_chans (must match the weights' stem),
+layout (.npy), mean/std: the config's lists; else the values stored in the
+checkpoint resumed or evaluated, or (for null) in the pre-training
+checkpoint's config; else ImageNet's for 3-channel 8-bit data and computed
+(auto) otherwise. The values used are stored in config.yaml and checkpoints.
 """
 
 from pathlib import Path

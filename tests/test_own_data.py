@@ -1,9 +1,11 @@
 """Domain data through the commands: 1-channel 16-bit PNG and 4-channel .npy pre-training, conversion and
 fine-tuning; mean/std 'auto' stored and reused; continued pre-training with --init; one-line errors."""
 
+import argparse
 import re
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import yaml
@@ -158,7 +160,8 @@ def fcmae_checkpoint(path, in_chans=3, dims=DIMS, decoder_dim=16, seed=0, refere
         encoder = to_timm({k: v for k, v in state.items() if k.startswith("encoder.")}, conv_mlp=False)
         decoder = to_reference({k: v for k, v in state.items() if not k.startswith("encoder.")})
         state = {**to_reference_fcmae(encoder), **decoder}
-    torch.save({"model": state, "epoch": 799}, path)
+    extra = {"args": argparse.Namespace(model="convnextv2_atto", epochs=800)} if reference else {}
+    torch.save({"model": state, "epoch": 799, **extra}, path)  # the reference's checkpoints hold its `args`
     return model
 
 
@@ -193,10 +196,11 @@ def test_init_adapts_the_stem_from_3_channels_and_starts_pred_afresh(tmp_path):
 def test_init_from_an_encoder_only_file_keeps_the_fresh_decoder(tmp_path):
     source = fcmae_checkpoint(tmp_path / "w.pth")
     encoder = to_timm({k: v for k, v in source.state_dict().items() if k.startswith("encoder.")}, conv_mlp=True)
-    torch.save(encoder, tmp_path / "timm.pth")
+    path = tmp_path / "timm.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in encoder.items()}, str(path))
     model = build_fcmae("atto", img_size=64, depths=DEPTHS, dims=DIMS, decoder_dim=32, decoder_depth=2)
-    check_fits(read_init(tmp_path / "timm.pth"), DEPTHS, DIMS, 32, 2)  # no decoder in the file: any decoder fits
-    text = "\n".join(apply_init(model, read_init(tmp_path / "timm.pth")))
+    check_fits(read_init(path), DEPTHS, DIMS, 32, 2)  # no decoder in the file: any decoder fits
+    text = "\n".join(apply_init(model, read_init(path)))
     assert "decoder (proj, mask_token, decoder, pred) newly initialised" in text
     torch.testing.assert_close(model.encoder.stages[3].blocks[0].mlp.fc1.weight,
                                source.encoder.stages[3].blocks[0].mlp.fc1.weight)
