@@ -114,11 +114,11 @@ def prepare_splits(cfg: FinetuneConfig, info: distributed.DistInfo) -> Tuple[Pat
 
 def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] = None,
                   pretrained: Optional[Dict[str, Any]] = None):
-    """(mean, std) of the run: the config's lists; else the resolved values stored in the config of the run
-    resumed or evaluated (for null or auto) or of the pre-training checkpoint (for null); else
+    """(mean, std) of the run: the config's lists; else the resolved values stored in the config of the
+    fine-tuning checkpoint resumed or evaluated (for null or auto) or of the pre-training checkpoint (for null); else
     `resolve_mean_std` on the training set (null: ImageNet's for 3-channel 8-bit data; auto: computed)."""
     mean, std = cfg.mean, cfg.std
-    for config, what, reusable in ((resumed, "the checkpoint resumed", (None, "auto")),
+    for config, what, reusable in ((resumed, "the fine-tuning checkpoint", (None, "auto")),
                                    (pretrained, f"the pre-training checkpoint {cfg.finetune}", (None,))):
         stored = saved_mean_std(config, cfg.in_chans)
         if stored is not None and (mean in reusable or std in reusable):
@@ -201,7 +201,8 @@ def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     seed_everything(cfg.seed + info.rank)
     model = _new_model(cfg, len(classes))
     weights = {"model": model}
-    if is_finetune_checkpoint(saved):
+    finetuned = is_finetune_checkpoint(saved)
+    if finetuned:
         check_resumable(saved, cfg.replace(num_classes=len(classes)), path)
         model.load_state_dict(saved["model"])
         if saved.get("ema") is not None and cfg.model_ema_eval:
@@ -212,7 +213,6 @@ def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         if any(k.startswith("head.fc.") for k in report.missing):
             raise UsageError(f"{path} has no classifier head for {len(classes)} classes: evaluation needs a "
                              "fine-tuned checkpoint (fine-tune first, then --eval --resume CHECKPOINT)")
-    finetuned = is_finetune_checkpoint(saved)
     cfg, _, val = prepare_data(cfg, root, classes, resumed=saved.get("config") if finetuned else None,
                                pretrained=None if finetuned else saved.get("config"))
     del saved

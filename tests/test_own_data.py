@@ -103,6 +103,11 @@ def test_png16_one_channel_pretrain_convert_finetune_with_auto_mean_std(png16, t
     assert "normalisation from the pre-training checkpoint" in text and "channel statistics" not in text
     assert (stored_config(ft)["mean"], stored_config(ft)["std"]) == (mean, std)
     assert checkpoint_config(ft / "checkpoint-last.pth")["mean"] == mean
+    # --eval of the fine-tuned checkpoint normalises as its training did.
+    run(finetune_main, ["atto", *FT, "--data_path", str(png16), "--in_chans", "1", "--eval", "true", "--resume",
+                        str(ft / "checkpoint-last.pth"), "--output_dir", str(ft)])
+    text = capsys.readouterr().out
+    assert "normalisation from the fine-tuning checkpoint" in text and "eval model: top-1" in text
     # From the converted file (no config inside): null means auto for 16-bit data, computed from train/.
     run(finetune_main, ["atto", str(dense), *FT, "--data_path", str(png16), "--in_chans", "1",
                         "--output_dir", str(tmp_path / "ft2")])
