@@ -526,8 +526,17 @@ def parse_args(argv=None):
 
 
 def run(args) -> int:
+    from fcmae.runtime.files import remove_stale_temporaries
+
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ConversionError("the output would overwrite the input; choose another output path")
+    if args.size is not None:
+        try:
+            check_size(args.size)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+    # Temporaries of earlier conversions to the same file that were killed mid-write (this host's dead processes).
+    remove_stale_temporaries(Path(args.output).parent, name=Path(args.output).name, all_hosts=False)
     conversion = load_weights(args.input, size=args.size)
     print(f"input    {args.input}: {conversion.source_format} weights, {conversion.container}")
     print(f"model    {describe_arch(conversion.depths, conversion.dims)}, "
@@ -548,12 +557,18 @@ def run(args) -> int:
 
 
 def main(argv=None) -> None:
+    """Exit codes: 0 written, 2 bad input (usage, a checkpoint that cannot be converted), 4 disk full."""
+    from fcmae.runtime.files import DiskFullError
+
     args = parse_args(argv)
     try:
         sys.exit(run(args))
     except ConversionError as e:
         print(f"fcmae-convert: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except DiskFullError as e:
+        print(f"fcmae-convert: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(4)
 
 
 if __name__ == "__main__":

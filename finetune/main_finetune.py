@@ -30,18 +30,19 @@ checkpoint's config; else ImageNet's for 3-channel 8-bit data and computed
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from torch.utils.data import DataLoader
 
 import sparse
-from fcmae.data import DataError
+from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, DataError
 from fcmae.data_stats import resolve_mean_std, saved_mean_std
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import distributed
+from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
-from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, seed_everything, train_loader
+from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, precision_note, seed_everything, train_loader
 from finetune import data as ftdata
 from finetune.config import FinetuneConfig, resolve_config as _resolve
 from finetune.convert import ConversionError
@@ -51,8 +52,12 @@ from finetune.optim import build_optimizer
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "num_classes", "in_chans")
-# Values of settings that checkpoints written before the setting existed were trained with.
-OLD_DEFAULTS = {"in_chans": 3}
+# Settings whose change on resume is taken as given (all others stop; see fcmae/runtime/resume_check.py):
+# those of both commands, and the pre-trained weights, the recipe's name and the head's initial scale (used
+# only at the start), what is evaluated each epoch, and --eval.
+HARMLESS = resume_check.HARMLESS + ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval")
+# The values of the data settings that checkpoints written before they existed were trained with.
+OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "auto"}
 
 
 def resolve_config(argv=None) -> FinetuneConfig:
@@ -162,7 +167,8 @@ def check_resumable(saved: Dict[str, Any], cfg: FinetuneConfig, path) -> None:
         raise UsageError(f"{path} is not a fine-tuning checkpoint of this project (keys: "
                          f"{', '.join(sorted(map(str, saved)))}); to start from pre-trained weights use "
                          f"CHECKPOINT / --finetune, and --resume none")
-    model_diffs, _ = ckpt.config_changes({**OLD_DEFAULTS, **saved["config"]}, cfg.to_dict(), MODEL_KEYS)
+    saved["config"] = {**OLD_DEFAULTS, **saved["config"]}  # checkpoints older than the data settings
+    model_diffs, _ = ckpt.config_changes(saved["config"], cfg.to_dict(), MODEL_KEYS)
     if model_diffs:
         raise UsageError(f"cannot use {path}: it holds another model ({'; '.join(model_diffs)}). "
                          "Use another --output_dir, or --resume none")
@@ -180,9 +186,16 @@ def load_weights(model, checkpoint: Dict[str, Any], path) -> None:
 def run(cfg: FinetuneConfig) -> int:
     """A real run (training, or evaluation with --eval); see Command.main for --dry_run."""
     info = distributed.init_distributed(cfg.device)
+    threads = torch.get_num_threads()
     try:
-        return _evaluate_only(cfg, info) if cfg.eval else _train(cfg, info)
+        if info.device.type == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        if cfg.eval:
+            return _evaluate_only(cfg, info)
+        with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
+            return _train(cfg, info)
     finally:
+        torch.set_num_threads(threads)  # matters when called in-process (tests, notebooks)
         distributed.cleanup()
 
 
@@ -251,6 +264,9 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
                                            pretrained=pretrained.get("config") if pretrained is not None else None)
     del pretrained
     plan = plan_run(cfg, info.world_size, len(train_set))
+    if saved is not None:
+        old_plan = resume_check.check_resume(saved, cfg.to_dict(), plan, resume_from, HARMLESS,
+                                             cfg.allow_config_change)
     if main:
         print(format_plan(cfg, plan, str(root), num_classes), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict(), "classes": classes}, out / "config.yaml")
@@ -275,12 +291,14 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
             images, targets = mixup(images, targets)
         return criterion(model(images), targets)
 
-    trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir, cfg.to_dict(),
-                      scaler=grad_scaler(device, cfg.amp), after_step=ema.update if ema is not None else None,
+    trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
+                      {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp),
+                      after_step=ema.update if ema is not None else None,
                       extra_state=lambda: {"ema": ema.module.state_dict() if ema is not None else None,
                                            "best": best, "classes": classes})
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
+        resume_check.align_state(trainer.state, old_plan, plan)
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
         best.update(saved.get("best") or {})
@@ -290,6 +308,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         log(f"nothing to do: {state.epoch} of {cfg.epochs} epochs already done in {out}")
         return 0
     val_batches = val_loader(cfg, val_set, info)
+    if precision_note(device, cfg.amp):
+        log(precision_note(device, cfg.amp))
 
     def end_epoch(train_loss: float) -> None:
         """Validate (the weights, and the EMA when asked) and log the epoch's summary."""

@@ -82,7 +82,7 @@ def test_png16_one_channel_pretrain_convert_finetune_with_auto_mean_std(png16, t
 
     # A resumed run reuses the stored values instead of computing them again.
     run(main_pretrain.main, ["atto", "demo", *PRE, "--data_path", str(png16), "--in_chans", "1", "--mean", "auto",
-                             "--std", "auto", "--epochs", "2", "--output_dir", str(pre)])
+                             "--std", "auto", "--epochs", "2", "--allow_config_change", "--output_dir", str(pre)])
     text = capsys.readouterr().out
     assert "channel statistics" not in text and "resumed from" in text
     assert stored_config(pre)["mean"] == mean
@@ -224,7 +224,7 @@ def test_init_through_the_command(png16, tmp_path, capsys):
     saved = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert saved["run_state"]["epoch"] == 1 and saved["config"]["init"] == str(init)  # a new run: epoch 1, not 800
     # A checkpoint to resume wins over --init, and says so.
-    run(main_pretrain.main, args[:-2] + ["--epochs", "2", "--output_dir", str(out)])
+    run(main_pretrain.main, args[:-2] + ["--epochs", "2", "--allow_config_change", "--output_dir", str(out)])
     text = capsys.readouterr().out
     assert "is not used: resuming" in text and "init: encoder" not in text
 
@@ -245,10 +245,14 @@ def test_init_of_another_size_or_decoder_is_a_one_line_error(png16, tmp_path, ca
     assert not (tmp_path / "o" / "checkpoint-last.pth").exists()
 
 
-def test_checkpoints_from_before_in_chans_existed_still_resume(png16, tmp_path):
+def test_checkpoints_from_before_the_data_settings_still_resume(png16, tmp_path):
+    from fcmae.runtime.resume_check import meaningful_changes
+
     cfg = main_pretrain.resolve_config(["atto", "demo", *PRE, "--data_path", str(png16)])
     old = {k: v for k, v in cfg.to_dict().items() if k not in ("in_chans", "mean", "std", "decode", "layout", "init")}
-    resumed, changed = main_pretrain.check_resumable({"model": {}, "config": old, "run_state": {}}, cfg, "old.pth")
-    assert resumed.mean is None and not [c for c in changed if c.startswith("in_chans")]
+    saved = {"model": {}, "config": old, "run_state": {}}
+    resumed = main_pretrain.check_resumable(saved, cfg, "old.pth")
+    assert resumed.mean == (0.485, 0.456, 0.406)  # what the pipeline of that time normalised with
+    assert meaningful_changes(saved["config"], resumed.to_dict(), main_pretrain.HARMLESS) == ([], [])
     with pytest.raises(main_pretrain.UsageError, match="in_chans: checkpoint 3, this run 1"):
         main_pretrain.check_resumable({"model": {}, "config": old, "run_state": {}}, cfg.replace(in_chans=1), "x")
