@@ -69,8 +69,10 @@ def npy4(tmp_path_factory):
 def test_png16_one_channel_pretrain_convert_finetune_with_auto_mean_std(png16, tmp_path, capsys):
     pre, dense, ft = tmp_path / "pre", tmp_path / "dense.pth", tmp_path / "ft"
     run(main_pretrain.main, ["atto", "demo", *PRE, "--data_path", str(png16), "--in_chans", "1", "--mean", "auto",
-                             "--std", "auto", "--output_dir", str(pre)])
+                             "--std", "auto", "--knn_data_path", str(png16), "--knn_every", "1",
+                             "--output_dir", str(pre)])
     text = capsys.readouterr().out
+    assert "kNN monitor: " in text and re.search(r"epoch 1/1 done: .*knn", text)  # the monitor reads them too
     assert "channel statistics from 36 images" in text and "of 1 channel(s) of uint16" in text
     config = stored_config(pre)
     mean, std = config["mean"], config["std"]
