@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision import transforms
 
-from fcmae.data_stats import (  # noqa: F401 (channel_stats, check_mean_std: part of this module's API)
+from fcmae.data_stats import (  # noqa: F401 (re-exported: part of this module's API)
     IMAGENET_MEAN, IMAGENET_STD, channel_stats, check_mean_std, resolve_mean_std,
 )
 from fcmae.gpu_decode import EncodedBatch, EncodedImage, resolve_decode
@@ -80,17 +80,6 @@ def list_images(root: PathLike) -> List[Path]:
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
     return files
-
-
-def pretrain_transform(input_size: int, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """RandomResizedCrop (bicubic) + horizontal flip + normalisation: the FCMAE recipe."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=tuple(scale),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
 
 
 def sample_crop(height: int, width: int, scale: Sequence[float] = (0.2, 1.0),

@@ -6,10 +6,15 @@ does (integers by their dtype's maximum) and returns each channel's mean
 and standard deviation over all their pixels. The command that calls it
 prints the values and stores them in the config and the checkpoint, so a
 resumed run and fine-tuning reuse them instead of computing them again.
+
+The config keys `mean` and `std` of both commands are read by
+`parse_mean_std` and checked against `in_chans` by `check_mean_std_setting`
+(one-line errors before any data is read); `saved_mean_std` finds the
+resolved values in a run's stored config.
 """
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -19,6 +24,9 @@ from fcmae.image_io import DataError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATS_IMAGES = 1000
+
+# A mean/std setting: None (ImageNet's for 3-channel 8-bit data, else 'auto'), 'auto', or one value per channel.
+MeanStd = Optional[Union[str, Tuple[float, ...]]]
 
 
 def channel_stats(dataset, max_images: int = STATS_IMAGES, seed: int = 0,
@@ -99,3 +107,46 @@ def resolve_mean_std(mean, std, dataset, logger: Optional[Callable[[str], None]]
         mean = auto_mean if isinstance(mean, str) else mean
         std = auto_std if isinstance(std, str) else std
     return check_mean_std(mean, std, in_chans)
+
+
+# ---------------------------------------------------------------- the config keys
+def parse_mean_std(value: Any) -> Any:
+    """A `mean`/`std` setting as given (YAML or a flag): None, 'auto' or a list; ConfigError for anything else."""
+    from fcmae.runtime.config import ConfigError
+
+    if value is None or isinstance(value, (list, tuple)):
+        return value
+    if isinstance(value, str) and value.lower() in ("auto", "none", "null"):
+        return "auto" if value.lower() == "auto" else None
+    raise ConfigError(f"mean and std must be null (ImageNet's for 3-channel 8-bit data, else auto), 'auto', or a "
+                      f"list with one number per channel, got {value!r}")
+
+
+def check_mean_std_setting(in_chans: int, mean: MeanStd, std: MeanStd) -> None:
+    """ConfigError (one line) unless mean/std fit in_chans: both null, or each 'auto' or in_chans numbers."""
+    from fcmae.runtime.config import ConfigError
+
+    if (mean is None) != (std is None):
+        raise ConfigError("give both mean and std (or neither: null), or 'auto'")
+    try:
+        check_mean_std(mean if isinstance(mean, tuple) else [0.0] * in_chans,
+                       std if isinstance(std, tuple) else [1.0] * in_chans, in_chans)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
+def saved_mean_std(config: Optional[Mapping[str, Any]], in_chans: int) -> Optional[Tuple[Tuple[float, ...], ...]]:
+    """The resolved (mean, std) stored in a run's config (a checkpoint's 'config'), or None.
+
+    None when the config has no resolved values (older checkpoints, converted files) or they are for
+    another channel count (configs without `in_chans` are 3-channel).
+    """
+    if not isinstance(config, Mapping) or config.get("in_chans", 3) != in_chans:
+        return None
+    mean, std = config.get("mean"), config.get("std")
+    if not isinstance(mean, (list, tuple)) or not isinstance(std, (list, tuple)):
+        return None
+    try:
+        return check_mean_std(mean, std, in_chans)
+    except DataError:
+        return None

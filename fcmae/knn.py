@@ -22,7 +22,7 @@ reader fine-tuning uses), imported when loaders are built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -145,20 +145,25 @@ def knn_evaluate(encode: Encode, train_loader, val_loader, device: torch.device,
 
 
 def make_loaders(root, classes: List[str], input_size: int, crop_pct: float, batch_size: int, num_workers: int,
-                 rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None):
+                 rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None, in_chans: int = 3,
+                 mean=None, std=None, layout: str = "auto"):
     """(train, val) loaders of this rank's shards of root/train and root/val: centre crops, no augmentation.
 
     `classes` comes from `finetune.data.check_splits(root)` (which checks the
     folder); every image is seen by exactly one rank. The loaders draw
     nothing from torch's global RNG, so evaluating between training epochs
-    leaves the training run's random stream as it was.
+    leaves the training run's random stream as it was. in_chans, mean, std (None: ImageNet's) and layout:
+    the images' format and normalisation, as in pre-training (README "Your own data").
     """
+    from fcmae.data_stats import IMAGENET_MEAN, IMAGENET_STD
     from finetune import data as ftdata
 
-    transform = ftdata.eval_transform({"input_size": input_size, "crop_pct": crop_pct})
+    settings = {"input_size": input_size, "crop_pct": crop_pct}
+    mean, std = IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std
     loaders = []
     for split in ("train", "val"):
-        dataset = ftdata.LabelledFolder(Path(root) / split, classes, transform)
+        dataset = ftdata.LabelledFolder(Path(root) / split, classes, in_chans=in_chans, layout=layout)
+        dataset.transform = ftdata.eval_transform(settings, mean, std, pil=dataset.uses_pil)
         sampler = ftdata.ShardSampler(len(dataset), rank, world_size)
         loaders.append(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                   pin_memory=device is not None and device.type == "cuda",
@@ -196,15 +201,17 @@ class KnnMonitor:
         device: this process's device.
         amp: autocast mode on CUDA (as training: bf16 | fp16 | off).
         rank, world_size: this process's shard.
+        data_format: in_chans, mean, std, layout of the images (`make_loaders`; default: 3-channel, ImageNet's).
     """
 
     def __init__(self, root: Path, classes: List[str], every: int, k: int, temperature: float, input_size: int,
                  crop_pct: float, batch_size: int, num_workers: int, device: torch.device, amp: str = "off",
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, data_format: Optional[Dict[str, Any]] = None):
         self.root, self.classes, self.every, self.k, self.temperature = root, classes, every, k, temperature
         self.input_size, self.crop_pct, self.device, self.amp = input_size, crop_pct, device, amp
         self.train_loader, self.val_loader = make_loaders(root, classes, input_size, crop_pct, batch_size,
-                                                          num_workers, rank, world_size, device)
+                                                          num_workers, rank, world_size, device,
+                                                          **(data_format or {}))
 
     @classmethod
     def from_config(cls, cfg, info) -> Optional["KnnMonitor"]:
@@ -239,8 +246,10 @@ class KnnMonitor:
             classes = check_splits(root)
             if len(classes) < 2:
                 raise DataError(f"{root} has {len(classes)} class; the kNN monitor needs at least 2")
+            data_format = dict(in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, layout=cfg.layout)  # resolved
             return cls(root, classes, cfg.knn_every, cfg.knn_k, cfg.knn_temperature, input_size, crop_pct,
-                       cfg.batch_size, cfg.num_workers, info.device, cfg.amp, info.rank, info.world_size)
+                       cfg.batch_size, cfg.num_workers, info.device, cfg.amp, info.rank, info.world_size,
+                       data_format)
         except DataError as e:
             raise UsageError(f"knn_data_path: {e}") from None
 

@@ -18,22 +18,27 @@ next optimizer step, mid-epoch) both resume exactly where they were taken:
 data order and augmentation depend only on (seed, epoch, sample index), and
 the RNG states of every process are saved, so on CPU a resumed run
 reproduces the losses of an uninterrupted one.
+
+Own data (README "Your own data"): in_chans, mean/std (null, auto or lists;
+resolved values are printed and stored in config.yaml and the checkpoints,
+and a resumed run reuses them), decode (cpu/gpu/auto) and layout (.npy).
+Continued pre-training: --init CKPT starts a new run from the weights of an
+FCMAE checkpoint (fcmae/init_weights.py); a checkpoint to resume in
+output_dir wins over --init.
 """
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
-import numpy as np
 import torch
-from PIL import Image
-from torchvision import transforms
 
 import sparse
 from fcmae.data import (
     IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, ImageFolderDataset, collate_images, find_image_root,
-    pretrain_transform,
 )
+from fcmae.data_stats import saved_mean_std
+from fcmae.init_weights import InitWeights, apply_init, check_fits, read_init
 from fcmae.knn import KnnMonitor
 from fcmae.masking import PATCH_SIZE, num_kept
 from fcmae.model import build_fcmae
@@ -50,13 +55,16 @@ from fcmae.runtime.trainer import (
 )
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
-MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss")
+MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss", "in_chans")
 # Settings whose change between a checkpoint and the run that resumes it goes unmentioned.
 UNREMARKABLE = ("resume", "dry_run", "world_size", "exit_after_steps", "output_dir", "log_dir")
 # Settings whose change on resume is taken as given (all others stop; see fcmae/runtime/resume_check.py):
-# those of both commands, and the picture, the backend (the same computation), bad-image tolerance and the
-# initialisation (used only at the start).
-HARMLESS = resume_check.HARMLESS + ("vis_images", "backend", "max_bad_fraction", "init_std")
+# those of both commands, and the picture, the backend (the same computation), bad-image tolerance, the
+# initialisation (used only at the start) and the decoder of the same crops.
+HARMLESS = resume_check.HARMLESS + ("vis_images", "backend", "max_bad_fraction", "init_std", "init", "decode")
+# The values of the data settings that checkpoints written before they existed were trained with.
+OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "decode": "cpu",
+                "layout": "auto", "init": None}
 
 
 def resolve_config(argv=None) -> PretrainConfig:
@@ -72,7 +80,9 @@ def format_plan(cfg: PretrainConfig, plan: Plan, data: str) -> str:
     return "\n".join([
         "FCMAE pre-training plan",
         f"  model            convnextv2_{cfg.size} (depths {list(depths)}, dims {list(dims)}), "
-        f"decoder {cfg.decoder_depth} x {cfg.decoder_dim}, backend {cfg.backend}",
+        f"decoder {cfg.decoder_depth} x {cfg.decoder_dim}, backend {cfg.backend}, in_chans {cfg.in_chans}",
+        *([f"  init             {cfg.init} (weights only; resuming a checkpoint in output_dir wins)"]
+          if cfg.init else []),
         f"  schedule         {cfg.schedule}: {plan.epochs} epochs, {plan.warmup_epochs} warmup",
         f"  input            {cfg.input_size}x{cfg.input_size}, mask ratio {cfg.mask_ratio} "
         f"({kept} of {grid * grid} patches visible)",
@@ -104,37 +114,45 @@ def data_root(cfg: PretrainConfig, build: bool = True) -> Path:
     return demo_pretrain_folder(crop_size=cfg.demo_crop_size, per_photo=cfg.demo_per_photo) / "train"
 
 
-def vis_batch(dataset: ImageFolderDataset, cfg: PretrainConfig) -> Optional[torch.Tensor]:
-    """A fixed batch (resized, centre-cropped) for the per-epoch reconstruction picture."""
-    count = min(cfg.vis_images, len(dataset))
-    if count == 0:
-        return None
-    tf = transforms.Compose([
-        transforms.Resize(cfg.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(cfg.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    images = []
-    for i in np.linspace(0, len(dataset) - 1, count).round().astype(int):
-        try:
-            images.append(tf(dataset.load(int(i))))
-        except (OSError, ValueError, Image.DecompressionBombError):  # what the training set skips, too
-            continue
-    return torch.stack(images) if images else None
+def build_dataset(cfg: PretrainConfig, root: Path, device: torch.device) -> ImageFolderDataset:
+    """The training set: format checked, decoding chosen, mean/std resolved (computed and printed for auto)."""
+    try:
+        return ImageFolderDataset(root, input_size=cfg.input_size, crop_scale=cfg.crop_scale, seed=cfg.seed,
+                                  in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, decode=cfg.decode,
+                                  layout=cfg.layout, cuda=device.type == "cuda", logger=log)
+    except DataError as e:
+        raise UsageError(str(e)) from None
 
 
 # ---------------------------------------------------------------- checkpoints
-def check_resumable(saved: Dict[str, Any], cfg: PretrainConfig, path) -> List[str]:
-    """Clear error if the checkpoint's model differs from this run's; returns the other changed settings."""
+def check_resumable(saved: Dict[str, Any], cfg: PretrainConfig, path) -> PretrainConfig:
+    """Clear error if the checkpoint's model differs from this run's.
+
+    Fills in `saved["config"]` the data settings of checkpoints older than them (OLD_DEFAULTS) and returns
+    the run's config with the checkpoint's mean/std where the run does not give them as lists: a resumed run
+    normalises as it started, without computing 'auto' again. Other changes: resume_check.check_resume.
+    """
     if "model" not in saved or "config" not in saved or "run_state" not in saved:
         raise UsageError(f"{path} is not an FCMAE pre-training checkpoint of this project "
                          f"(keys: {', '.join(sorted(saved)) or 'none'})")
-    model_diffs, changed = ckpt.config_changes(saved["config"], cfg.to_dict(), MODEL_KEYS, UNREMARKABLE)
+    saved["config"] = {**OLD_DEFAULTS, **saved["config"]}
+    stored = saved_mean_std(saved["config"], cfg.in_chans)
+    if stored is not None:
+        cfg = cfg.replace(mean=cfg.mean if isinstance(cfg.mean, tuple) else stored[0],
+                          std=cfg.std if isinstance(cfg.std, tuple) else stored[1])
+    model_diffs, _ = ckpt.config_changes(saved["config"], cfg.to_dict(), MODEL_KEYS, UNREMARKABLE)
     if model_diffs:
         raise UsageError(f"cannot resume {path}: it was trained with another model ({'; '.join(model_diffs)}). "
                          "Use another --output_dir, or --resume none to start afresh")
-    return changed
+    return cfg
+
+
+def read_init_weights(cfg: PretrainConfig) -> InitWeights:
+    """The --init file's weights, checked against this run's encoder and decoder (before any data is read)."""
+    depths, dims = sparse.sizes.resolve_arch(cfg.size, cfg.depths, cfg.dims)
+    init = read_init(cfg.init)
+    check_fits(init, depths, dims, cfg.decoder_dim, cfg.decoder_depth)
+    return init
 
 
 # ---------------------------------------------------------------- the run
@@ -160,20 +178,26 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     out = Path(cfg.output_dir)
     check_output_dir(out)
 
-    # Data (before the model, so bad data fails before any compute); rank 0 builds the demo set first.
+    # Everything that can fail on bad input comes before any compute; rank 0 builds the demo set first.
     root = data_root(cfg) if main else None
     distributed.barrier()
     root = root or data_root(cfg)
-    try:
-        dataset = ImageFolderDataset(root, pretrain_transform(cfg.input_size, cfg.crop_scale), seed=cfg.seed)
-    except DataError as e:
-        raise UsageError(str(e)) from None
-    plan = make_plan(cfg, info.world_size, len(dataset))
-
     # Resume (checked before building the model); rank 0 picks the checkpoint for every rank.
     resume_from, saved = resume_checkpoint(cfg.resume, out)
     if saved is not None:
-        check_resumable(saved, cfg, resume_from)
+        cfg = check_resumable(saved, cfg, resume_from)
+    init = None
+    if cfg.init and saved is not None:
+        log(f"note: --init {cfg.init} is not used: resuming {resume_from} continues its own weights "
+            "(--resume none starts afresh from --init)")
+    elif cfg.init:
+        init = read_init_weights(cfg)
+    dataset = build_dataset(cfg, root, device)
+    cfg = cfg.replace(mean=dataset.mean, std=dataset.std)  # resolved: saved in config.yaml and the checkpoints
+    log(f"data: {len(dataset)} images of {cfg.in_chans} channel(s) of {dataset.dtype}, decode {dataset.decode}; "
+        f"normalisation mean {list(cfg.mean)}, std {list(cfg.std)}")
+    plan = make_plan(cfg, info.world_size, len(dataset))
+    if saved is not None:
         old_plan = resume_check.check_resume(saved, cfg.to_dict(), plan, resume_from, HARMLESS,
                                              cfg.allow_config_change)
     if main:
@@ -188,8 +212,13 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     seed_everything(cfg.seed + info.rank)
     model = build_fcmae(cfg.size, img_size=cfg.input_size, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim,
                         decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend,
-                        init_std=cfg.init_std, depths=cfg.depths, dims=cfg.dims,
-                        drop_path_rate=cfg.drop_path).to(device)
+                        init_std=cfg.init_std, depths=cfg.depths, dims=cfg.dims, in_chans=cfg.in_chans,
+                        drop_path_rate=cfg.drop_path)
+    if init is not None:
+        for line in apply_init(model, init):
+            log(line)
+        del init
+    model.to(device)
     optimizer = build_optimizer(model, plan.lr, cfg.weight_decay, cfg.betas, cfg.decay_grn_and_mask_token)
     bad_images = BadImageTracker(len(dataset), cfg.max_bad_fraction, logger=lambda m: log(m, main_only=False))
 
@@ -200,7 +229,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
                 bad_images.update(bad)
             except DataError as e:  # this rank alone may see them: every rank stops at the next check
                 trainer.fail_at_next_check(e)
-        loss, _, _ = model(imgs.to(device, non_blocking=True))
+        loss, _, _ = model(dataset.to_device(imgs, device))
         return loss
 
     trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
@@ -213,7 +242,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     if state.epoch >= cfg.epochs:
         log(f"nothing to do: {state.epoch} of {cfg.epochs} epochs already done in {out}")
         return 0
-    fixed_imgs = vis_batch(dataset, cfg) if main else None
+    fixed_imgs = dataset.fixed_batch(cfg.vis_images) if main and cfg.vis_images else None
     if precision_note(device, cfg.amp):
         log(precision_note(device, cfg.amp))
 
@@ -250,7 +279,7 @@ def _save_reconstruction(model, fixed_imgs, cfg: PretrainConfig, device, step: i
         mask = model.random_mask(imgs, generator=torch.Generator(device=device).manual_seed(cfg.seed))
         _, pred, mask = model(imgs, mask)
     model.train(was_training)
-    picture = reconstruction_grid(model, imgs, mask, pred)
+    picture = reconstruction_grid(model, imgs, mask, pred, mean=cfg.mean, std=cfg.std)
     save_png(picture, out / "reconstruction.png")
     tb.image("reconstruction (original | masked | reconstruction | + visible)", picture, step)
     tb.flush()

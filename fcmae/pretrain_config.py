@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
+from fcmae.data import MAX_IN_CHANS
+from fcmae.data_stats import MeanStd, check_mean_std_setting, parse_mean_std
+from fcmae.gpu_decode import DECODE_MODES
+from fcmae.image_io import LAYOUTS
 from fcmae.masking import PATCH_SIZE, check_mask_ratio
 from fcmae.runtime.command import Flags, UsageError, check_size, layered_settings, read_command_line
 from fcmae.runtime.config import ConfigError, choices, config_root
@@ -52,9 +56,20 @@ class PretrainConfig(TrainConfig):
     knn_temperature: float = setting(0.0, low_open=True)
     init_std: float = setting(0.0, low_open=True)
     decay_grn_and_mask_token: bool
+    # data: channels, normalisation, decoding, .npy layout; and continued pre-training (--init)
+    in_chans: int = setting(1, MAX_IN_CHANS)
+    mean: MeanStd = setting(parse=parse_mean_std)
+    std: MeanStd = setting(parse=parse_mean_std)
+    decode: str = setting(choices=DECODE_MODES)
+    layout: str = setting(choices=LAYOUTS)
+    init: Optional[str] = setting(parse=parse_optional_path)
 
     def validate(self) -> None:
         super().validate()
+        check_mean_std_setting(self.in_chans, self.mean, self.std)
+        if self.init is not None and not Path(self.init).expanduser().is_file():
+            raise ConfigError(f"--init checkpoint not found: {self.init} (give an FCMAE checkpoint to start from, "
+                              "or none)")
         if self.input_size % PATCH_SIZE:
             raise ConfigError(f"input_size must be a positive multiple of {PATCH_SIZE} (the mask's patch size), "
                               f"got {self.input_size}; e.g. 224 or 96")

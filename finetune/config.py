@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
+from fcmae.data import MAX_IN_CHANS
+from fcmae.data_stats import MeanStd, check_mean_std_setting, parse_mean_std
+from fcmae.image_io import LAYOUTS
 from fcmae.runtime.command import Flags, check_size, layered_settings, read_command_line
 from fcmae.runtime.config import ConfigError, config_root
 from fcmae.runtime.settings import TrainConfig, build_config, parse_optional_path, setting
@@ -66,9 +69,15 @@ class FinetuneConfig(TrainConfig):
     layer_decay_type: str = setting(choices=LAYER_DECAY_TYPES)
     eval: bool
     cpu_threads: Optional[int] = setting(1)
+    # data: channels, normalisation, .npy layout (decoding is on the CPU: timm's augmentation works on images there)
+    in_chans: int = setting(1, MAX_IN_CHANS)
+    mean: MeanStd = setting(parse=parse_mean_std)
+    std: MeanStd = setting(parse=parse_mean_std)
+    layout: str = setting(choices=LAYOUTS)
 
     def validate(self) -> None:
         super().validate()
+        check_mean_std_setting(self.in_chans, self.mean, self.std)
         if self.mixes and self.batch_size % 2:
             raise ConfigError(f"Mixup/CutMix need an even batch_size, got {self.batch_size}")
         if self.finetune is not None and not Path(self.finetune).is_file():

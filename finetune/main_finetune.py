@@ -19,16 +19,23 @@ well (--model, --finetune, --nb_classes, --layer_decay, --layer_decay_type,
 --resume, else the newest in output_dir, else CHECKPOINT. Checkpoints,
 auto-resume, pre-emption (SIGTERM / SIGUSR1), progress lines, TensorBoard and
 log.jsonl work as in pre-training.
+
+Own data (README "Your own data"): in_chans (must match the weights' stem),
+layout (.npy), mean/std: the config's lists; else the values stored in the
+checkpoint resumed or evaluated, or (for null) in the pre-training
+checkpoint's config; else ImageNet's for 3-channel 8-bit data and computed
+(auto) otherwise. The values used are stored in config.yaml and checkpoints.
 """
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 import sparse
-from fcmae.data import DataError
+from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, DataError
+from fcmae.data_stats import resolve_mean_std, saved_mean_std
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint, resume_checkpoint
@@ -44,11 +51,13 @@ from finetune.model import build_model, load_pretrained, read_pretrained
 from finetune.optim import build_optimizer
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
-MODEL_KEYS = ("size", "depths", "dims", "num_classes")
+MODEL_KEYS = ("size", "depths", "dims", "num_classes", "in_chans")
 # Settings whose change on resume is taken as given (all others stop; see fcmae/runtime/resume_check.py):
 # those of both commands, and the pre-trained weights, the recipe's name and the head's initial scale (used
 # only at the start), what is evaluated each epoch, and --eval.
 HARMLESS = resume_check.HARMLESS + ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval")
+# The values of the data settings that checkpoints written before they existed were trained with.
+OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "auto"}
 
 
 def resolve_config(argv=None) -> FinetuneConfig:
@@ -96,8 +105,8 @@ def data_root(cfg: FinetuneConfig, build: bool = True) -> Path:
     return ftdata.demo_root(cfg.to_dict())
 
 
-def prepare_data(cfg: FinetuneConfig, info: distributed.DistInfo):
-    """(root, classes, train set, val set): the demo set is built by rank 0 first; splits checked."""
+def prepare_splits(cfg: FinetuneConfig, info: distributed.DistInfo) -> Tuple[Path, List[str]]:
+    """(root, classes): the demo set is built by rank 0 first; train/ and val/ checked to agree."""
     root = data_root(cfg) if info.is_main else None
     distributed.barrier()
     root = root or data_root(cfg)
@@ -105,10 +114,41 @@ def prepare_data(cfg: FinetuneConfig, info: distributed.DistInfo):
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise UsageError(f"num_classes is {cfg.num_classes} but the data set at {root} has {len(classes)} "
                          f"classes (folders in train/); drop --num_classes / --nb_classes or fix the data")
+    return root, classes
+
+
+def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] = None,
+                  pretrained: Optional[Dict[str, Any]] = None):
+    """(mean, std) of the run: the config's lists; else the resolved values stored in the config of the
+    fine-tuning checkpoint resumed or evaluated (for null or auto) or of the pre-training checkpoint (for null); else
+    `resolve_mean_std` on the training set (null: ImageNet's for 3-channel 8-bit data; auto: computed)."""
+    mean, std = cfg.mean, cfg.std
+    for config, what, reusable in ((resumed, "the fine-tuning checkpoint", (None, "auto")),
+                                   (pretrained, f"the pre-training checkpoint {cfg.finetune}", (None,))):
+        stored = saved_mean_std(config, cfg.in_chans)
+        if stored is not None and (mean in reusable or std in reusable):
+            mean, std = (stored[0] if mean in reusable else mean), (stored[1] if std in reusable else std)
+            log(f"normalisation from {what}")
+            break
+    return resolve_mean_std(mean, std, train, logger=log)
+
+
+def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: Optional[Dict[str, Any]] = None,
+                 pretrained: Optional[Dict[str, Any]] = None):
+    """(cfg with the resolved mean/std, train set, val set), formats checked, transforms set (see `normalisation`)."""
+    train = ftdata.LabelledFolder(root / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout)
+    val = ftdata.LabelledFolder(root / "val", classes, in_chans=cfg.in_chans, layout=cfg.layout)
+    if val.dtype != train.dtype:
+        raise DataError(f"{root / 'train'} holds {train.bit_depth}-bit images ({train.dtype}) but {root / 'val'} "
+                        f"holds {val.bit_depth}-bit ones ({val.dtype}): both splits need the same kind of image")
+    mean, std = normalisation(cfg, train, resumed, pretrained)
+    cfg = cfg.replace(mean=mean, std=std)  # resolved: saved in config.yaml and the checkpoints
+    log(f"data: {len(train)} training images of {cfg.in_chans} channel(s) of {train.dtype}; normalisation mean "
+        f"{list(mean)}, std {list(std)}")
     settings = cfg.to_dict()
-    train = ftdata.LabelledFolder(root / "train", classes, ftdata.train_transform(settings), seed=cfg.seed)
-    val = ftdata.LabelledFolder(root / "val", classes, ftdata.eval_transform(settings))
-    return root, classes, train, val
+    train.transform = ftdata.train_transform(settings, mean, std, pil=train.uses_pil)
+    val.transform = ftdata.eval_transform(settings, mean, std, pil=val.uses_pil)
+    return cfg, train, val
 
 
 def val_loader(cfg: FinetuneConfig, val, info: distributed.DistInfo) -> DataLoader:
@@ -127,19 +167,17 @@ def check_resumable(saved: Dict[str, Any], cfg: FinetuneConfig, path) -> None:
         raise UsageError(f"{path} is not a fine-tuning checkpoint of this project (keys: "
                          f"{', '.join(sorted(map(str, saved)))}); to start from pre-trained weights use "
                          f"CHECKPOINT / --finetune, and --resume none")
+    saved["config"] = {**OLD_DEFAULTS, **saved["config"]}  # checkpoints older than the data settings
     model_diffs, _ = ckpt.config_changes(saved["config"], cfg.to_dict(), MODEL_KEYS)
     if model_diffs:
         raise UsageError(f"cannot use {path}: it holds another model ({'; '.join(model_diffs)}). "
                          "Use another --output_dir, or --resume none")
 
 
-def load_weights(model, path) -> None:
-    """Pre-trained weights from outside into `model` (converted on the fly when they are FCMAE's).
-
-    Read with `read_pretrained` (safetensors, or torch.load with weights_only=True): a file whose
-    unpickling would run code is refused. Logs what was loaded.
-    """
-    report = load_pretrained(model, read_pretrained(path), str(path))
+def load_weights(model, checkpoint: Dict[str, Any], path) -> None:
+    """Pre-trained weights (read with `read_pretrained`) into `model`, converted on the fly when they are
+    FCMAE's; logs what was loaded."""
+    report = load_pretrained(model, checkpoint, str(path))
     for line in report.lines():
         log(line)
 
@@ -163,11 +201,11 @@ def run(cfg: FinetuneConfig) -> int:
 
 def _new_model(cfg: FinetuneConfig, num_classes: int):
     return build_model(cfg.size, num_classes, drop_path=cfg.drop_path, head_init_scale=cfg.head_init_scale,
-                       depths=cfg.depths, dims=cfg.dims)
+                       depths=cfg.depths, dims=cfg.dims, in_chans=cfg.in_chans)
 
 
 def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
-    root, classes, _, val = prepare_data(cfg, info)
+    root, classes = prepare_splits(cfg, info)
     path = ckpt.find_resume(cfg.resume, cfg.output_dir) or (Path(cfg.finetune) if cfg.finetune else None)
     path = distributed.broadcast_object(path)  # rank 0's choice: every rank evaluates the same file
     if path is None:
@@ -177,7 +215,8 @@ def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     seed_everything(cfg.seed + info.rank)
     model = _new_model(cfg, len(classes))
     weights = {"model": model}
-    if is_finetune_checkpoint(saved):
+    finetuned = is_finetune_checkpoint(saved)
+    if finetuned:
         check_resumable(saved, cfg.replace(num_classes=len(classes)), path)
         model.load_state_dict(saved["model"])
         if saved.get("ema") is not None and cfg.model_ema_eval:
@@ -188,6 +227,9 @@ def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         if any(k.startswith("head.fc.") for k in report.missing):
             raise UsageError(f"{path} has no classifier head for {len(classes)} classes: evaluation needs a "
                              "fine-tuned checkpoint (fine-tune first, then --eval --resume CHECKPOINT)")
+    cfg, _, val = prepare_data(cfg, root, classes, resumed=saved.get("config") if finetuned else None,
+                               pretrained=None if finetuned else saved.get("config"))
+    del saved
     loader = val_loader(cfg, val, info)
     results = {}
     for name, m in weights.items():
@@ -206,16 +248,21 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     check_output_dir(out)
 
     # Everything that can fail on bad input comes before any compute.
-    root, classes, train_set, val_set = prepare_data(cfg, info)
+    root, classes = prepare_splits(cfg, info)
     num_classes = len(classes)
     cfg = cfg.replace(num_classes=num_classes)
     resume_from, saved = resume_checkpoint(cfg.resume, out)  # rank 0 picks it for every rank
     if saved is not None:
         check_resumable(saved, cfg, resume_from)
+    pretrained = read_pretrained(cfg.finetune) if saved is None and cfg.finetune else None
     seed_everything(cfg.seed + info.rank)
     model = _new_model(cfg, num_classes)
-    if saved is None and cfg.finetune:
-        load_weights(model, cfg.finetune)
+    if pretrained is not None:
+        load_weights(model, pretrained, cfg.finetune)
+    cfg, train_set, val_set = prepare_data(cfg, root, classes,
+                                           resumed=saved.get("config") if saved is not None else None,
+                                           pretrained=pretrained.get("config") if pretrained is not None else None)
+    del pretrained
     plan = plan_run(cfg, info.world_size, len(train_set))
     if saved is not None:
         old_plan = resume_check.check_resume(saved, cfg.to_dict(), plan, resume_from, HARMLESS,

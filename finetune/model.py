@@ -11,16 +11,18 @@ from sparse.sizes import check_size, resolve_arch, size_of
 
 
 def build_model(size: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0,
-                depths: Optional[Sequence[int]] = None, dims: Optional[Sequence[int]] = None) -> nn.Module:
+                depths: Optional[Sequence[int]] = None, dims: Optional[Sequence[int]] = None,
+                in_chans: int = 3) -> nn.Module:
     """timm's ConvNeXt V2 of `size` (depths/dims override it, e.g. for tests) with a fresh head.
 
     `head_init_scale` multiplies the initial head weights and biases (the
     recipes use 0.001); `drop_path` is the stochastic-depth rate of the last
-    block (linearly increasing from 0).
+    block (linearly increasing from 0); `in_chans` the image channels of the stem.
     """
     name = check_size(size)
     depths, dims = resolve_arch(name, depths, dims)
-    kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path, head_init_scale=head_init_scale)
+    kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path, head_init_scale=head_init_scale,
+                  in_chans=in_chans)
     if size_of(depths, dims) == name:
         import timm
 
@@ -73,6 +75,11 @@ def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") ->
         raise ConversionError(
             f"size mismatch: {path} holds {describe_arch(conversion.depths, conversion.dims)}, but the model to "
             f"fine-tune is {describe_arch(depths, dims)}; pass the checkpoint's size or another checkpoint")
+    in_chans = model.stem[0].in_channels
+    if conversion.in_chans != in_chans:
+        raise ConversionError(f"{path} has a stem for {conversion.in_chans} input channel(s), but the model to "
+                              f"fine-tune has in_chans={in_chans}; set --in_chans {conversion.in_chans} (the "
+                              f"images' channel count must match the pre-training's)")
     weights = dict(conversion.state_dict)
     dropped = dict(conversion.dropped)
     own = model.state_dict()

@@ -83,10 +83,16 @@ def _in_range(value: float, meta: Mapping[str, Any]) -> bool:
 
 def _convert(name: str, hint: Any, value: Any, meta: Mapping[str, Any]) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or a union such as Optional[Union[str, Tuple[float, ...]]]
+        if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # the first type the value converts to; the last one's error otherwise
+            try:
+                return _convert(name, option, value, meta)
+            except ConfigError:
+                pass
+        hint = options[-1]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
