@@ -32,6 +32,7 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed
 from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint
 from fcmae.runtime.config import dump_config
+from fcmae.runtime.device import configure_device, model_compiler
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
 from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, seed_everything, train_loader
@@ -140,6 +141,7 @@ def run(cfg: FinetuneConfig) -> int:
     """A real run (training, or evaluation with --eval); see Command.main for --dry_run."""
     info = distributed.init_distributed(cfg.device)
     try:
+        configure_device(info.device, cfg.tf32)
         return _evaluate_only(cfg, info) if cfg.eval else _train(cfg, info)
     finally:
         distributed.cleanup()
@@ -187,6 +189,7 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     device, main = info.device, info.is_main
     out = Path(cfg.output_dir)
     check_output_dir(out)
+    compile_fn = model_compiler(cfg, device)
 
     # Everything that can fail on bad input comes before any compute.
     root, classes, train_set, val_set = prepare_data(cfg, info)
@@ -228,7 +231,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir, cfg.to_dict(),
                       scaler=grad_scaler(device, cfg.amp), after_step=ema.update if ema is not None else None,
                       extra_state=lambda: {"ema": ema.module.state_dict() if ema is not None else None,
-                                           "best": best, "classes": classes})
+                                           "best": best, "classes": classes},
+                      compile_fn=compile_fn)
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
         if ema is not None and saved.get("ema") is not None:
@@ -261,7 +265,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
 
     loader = train_loader(train_set, plan, cfg.num_workers, cfg.seed, info)
     log(f"training: {len(train_set)} images in {num_classes} classes, {plan.iters_per_epoch} iterations/epoch, "
-        f"validation on {len(val_set)} images, output in {out}")
+        f"validation on {len(val_set)} images, output in {out}"
+        + (f"; torch.compile ({cfg.compile_backend}) for training, eager validation" if compile_fn else ""))
     if not trainer.fit(loader, end_epoch):
         return 0
     last = state.history[-1]
