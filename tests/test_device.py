@@ -114,3 +114,27 @@ def test_unknown_compile_backend_is_a_one_line_error(image_dir, tmp_path, capsys
     err = capsys.readouterr().err
     assert "compile_backend 'nosuch' is not a torch.compile backend" in err and "Traceback" not in err
     assert not Path(tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
+def test_compiled_finetuning_matches_eager_and_saves_plain_names(tmp_path, demo_cache):
+    """The same through the fine-tuning command (drop path on: the compiled graph draws the same randomness)."""
+    from finetune import main_finetune
+
+    runs = {}
+    for mode in ("false", "true"):
+        out = tmp_path / mode
+        args = ["atto", "none", *TINY_ARGS, "--device", "cpu", "--amp", "off", "--num_workers", "0", "--demo",
+                "--input_size", "32", "--demo_crop_size", "64", "--demo_train_per_photo", "2",
+                "--demo_val_per_photo", "1", "--batch_size", "8", "--effective_batch", "8", "--print_every", "1",
+                "--epochs", "1", "--warmup_epochs", "0", "--blr", "0.01", "--drop_path", "0.2", "--model_ema", "true",
+                "--output_dir", str(out), "--compile", mode, "--compile_backend", "aot_eager"]
+        assert main_finetune.run(main_finetune.resolve_config(args)) == 0
+        losses = [r["loss"] for r in read_jsonl(out / "log.jsonl") if r["type"] == "train"]
+        saved = ckpt.load_checkpoint(out / "checkpoint-last.pth")
+        runs[mode] = losses, saved["model"], saved["ema"]
+    (eager_losses, eager_weights, eager_ema), (compiled_losses, compiled_weights, compiled_ema) = runs.values()
+    assert len(eager_losses) == 4
+    assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rel=1e-4)
+    assert list(compiled_weights) == list(eager_weights) and list(compiled_ema) == list(eager_ema)
+    for name, weight in eager_weights.items():
+        assert_close(compiled_weights[name], weight, rel=1e-3)
