@@ -64,9 +64,18 @@ def find_image_root(data_path: PathLike, split: str = "train") -> Path:
 
 
 def list_images(root: PathLike) -> List[Path]:
-    """Image files below `root` (any depth, hidden entries skipped), in sorted order."""
-    files = []
+    """Image files below `root` (any depth, hidden entries skipped), in sorted order.
+
+    Links to folders are followed, but no folder is visited twice (a link loop such as `self -> .`, or two
+    links to one folder, would otherwise list its images again and again).
+    """
+    files, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]

@@ -79,7 +79,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pretrain-compile", default="best", choices=["best", "auto", "true", "false"],
                         help="the pre-training run's --compile: best = whichever this run's bench measured faster "
                              "for the torch backend's step (else the command's default, auto)")
-    parser.add_argument("--data-images", type=int, default=None, help="data: photographs written (default 256; quick 8)")
+    parser.add_argument("--data-images", type=int, default=None,
+                        help="data: photographs written (default 256; quick 8)")
     parser.add_argument("--data-seconds", type=float, default=None,
                         help="data: measuring seconds per pipeline (default 5; quick 0.3)")
     args = parser.parse_args(argv)

@@ -138,3 +138,13 @@ def test_compiled_finetuning_matches_eager_and_saves_plain_names(tmp_path, demo_
     assert list(compiled_weights) == list(eager_weights) and list(compiled_ema) == list(eager_ema)
     for name, weight in eager_weights.items():
         assert_close(compiled_weights[name], weight, rel=1e-3)
+
+
+def test_device_settings_are_harmless_on_resume():
+    """Compiling, its backend and TF32 may change between a checkpoint and its resume (also from a checkpoint
+    written before these settings existed)."""
+    from fcmae.runtime.resume_check import HARMLESS, meaningful_changes
+
+    current = {"blr": 1e-3, "compile": True, "compile_backend": "aot_eager", "tf32": False}
+    assert meaningful_changes({"blr": 1e-3}, current, HARMLESS)[0] == []
+    assert meaningful_changes({"blr": 2e-3}, current, HARMLESS)[0] == ["blr 0.002 -> 0.001"]
