@@ -34,6 +34,7 @@ from fcmae.data import (
     IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, ImageFolderDataset, collate_images, find_image_root,
     pretrain_transform,
 )
+from fcmae.knn import KnnMonitor
 from fcmae.masking import PATCH_SIZE, num_kept
 from fcmae.model import build_fcmae
 from fcmae.optim import build_optimizer
@@ -183,6 +184,10 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         print(format_plan(cfg, plan, str(root)), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict()}, out / "config.yaml")
 
+    knn_monitor = KnnMonitor.from_config(cfg, info)  # its folder is checked before any compute
+    if knn_monitor is not None:
+        log(knn_monitor.describe())
+
     # Seeds: the mask and drop path differ per process; augmentation depends on (seed, epoch, index).
     seed_everything(cfg.seed + info.rank)
     model = build_fcmae(cfg.size, img_size=cfg.input_size, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim,
@@ -219,7 +224,9 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         state.history.append(summary)
         trainer.jsonl.write({"type": "epoch", **summary})
         trainer.tb.scalars({"epoch_loss": epoch_loss}, state.step, prefix="train/")
-        log(f"epoch {state.epoch + 1}/{cfg.epochs} done: mean loss {epoch_loss:.4f}")
+        knn_text = "" if knn_monitor is None else knn_monitor.end_epoch(
+            model, state.epoch + 1, cfg.epochs, state.step, trainer.jsonl, trainer.tb)
+        log(f"epoch {state.epoch + 1}/{cfg.epochs} done: mean loss {epoch_loss:.4f}{knn_text}")
         if fixed_imgs is not None:
             _save_reconstruction(model, fixed_imgs, cfg, device, state.step, trainer.tb, out)
 

@@ -28,7 +28,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from finetune.knn import UsageError, add_common_args, describe, extract_features, prepare, run_command, sum_over_ranks
+from fcmae.knn import extract_features, sum_over_ranks
+from finetune.knn import UsageError, add_common_args, describe, prepare, run_command
 
 __all__ = ["LinearProbe", "train_probe", "evaluate_probe", "main"]
 

@@ -1,5 +1,5 @@
-"""kNN and linear-probe evaluation (finetune/knn.py, finetune/linprobe.py): the math, the commands, bad input,
-and the same results on two processes as on one."""
+"""kNN and linear-probe evaluation (fcmae/knn.py, finetune/knn.py, finetune/linprobe.py): the math, the commands,
+bad input, and the same results on two processes as on one."""
 
 import os
 import subprocess
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fcmae import knn as knn_core
 from finetune import knn, linprobe
 
 ARCH = ["--depths", "[1, 1, 1, 1]", "--dims", "[8, 16, 16, 16]"]
@@ -62,7 +63,7 @@ def test_knn_classify_matches_a_plain_implementation():
         ranks = naive_knn(train, train_labels, test, 7, k, temperature)
         want1 = sum(r[0] == int(y) for r, y in zip(ranks, test_labels))
         want5 = sum(int(y) in r[:5] for r, y in zip(ranks, test_labels))
-        got = knn.knn_classify(train, train_labels, test, test_labels, 7, k, temperature, chunk=5)
+        got = knn_core.knn_classify(train, train_labels, test, test_labels, 7, k, temperature, chunk=5)
         assert got == (want1, want5)
         assert 0 < want1 < want5 < 23  # the case is not trivial
 
@@ -70,7 +71,7 @@ def test_knn_classify_matches_a_plain_implementation():
 def test_knn_of_identical_copies_is_perfect():
     feats = F.normalize(torch.randn(12, 4), dim=1)
     labels = torch.arange(12) % 3
-    assert knn.knn_classify(feats, labels, feats, labels, 3, k=1) == (12, 12)
+    assert knn_core.knn_classify(feats, labels, feats, labels, 3, k=1) == (12, 12)
 
 
 # ---------------------------------------------------------------- the commands
@@ -186,10 +187,11 @@ def _evaluate(data):
     """kNN and linear-probe results of the tiny model on `data`, on however many processes are running."""
     args = knn.build_parser().parse_args(["none", "--data_path", str(data), *ARCH, *RUN])
     info, model, train_loader, val_loader, classes, _ = knn.prepare(args)
-    result = knn.knn_evaluate(model.forward_features, train_loader, val_loader, info.device, len(classes), k=5)
-    feats, labels = knn.extract_features(model.forward_features, train_loader, info.device, normalize=False)
-    val_feats, val_labels = knn.extract_features(model.forward_features, val_loader, info.device, normalize=False)
-    bank = knn.gather_rows(feats)
+    encode, device = model.forward_features, info.device
+    result = knn_core.knn_evaluate(encode, train_loader, val_loader, device, len(classes), k=5)
+    feats, labels = knn_core.extract_features(encode, train_loader, device, normalize=False)
+    val_feats, val_labels = knn_core.extract_features(encode, val_loader, device, normalize=False)
+    bank = knn_core.gather_rows(feats)
     head = linprobe.train_probe(feats, labels, len(classes), epochs=3, batch_size=4, blr=0.5, warmup_epochs=1)
     probe = linprobe.evaluate_probe(head, val_feats, val_labels)
     return {"knn": result, "bank_rows": bank.shape[0], "probe_count": probe["count"],
@@ -236,12 +238,12 @@ def test_knn_of_the_fcmae_encoder_equals_knn_of_its_converted_weights(tmp_path):
                                    decoder_dim=16), 3).eval()
     dense = build_model("atto", 0, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16)).eval()
     dense.load_state_dict(convert({"model": fcmae.state_dict()}, conv_mlp=False).state_dict, strict=False)
-    train, val = knn.make_loaders(data, ftdata.check_splits(data), input_size=32, crop_pct=1.0, batch_size=5,
-                                  num_workers=0)
+    train, val = knn_core.make_loaders(data, ftdata.check_splits(data), input_size=32, crop_pct=1.0, batch_size=5,
+                                       num_workers=0)
     device = torch.device("cpu")
     with torch.no_grad():
-        feats_sparse = knn.extract_features(fcmae.encoder, train, device)[0]
-        feats_dense = knn.extract_features(dense.forward_features, train, device)[0]
+        feats_sparse = knn_core.extract_features(fcmae.encoder, train, device)[0]
+        feats_dense = knn_core.extract_features(dense.forward_features, train, device)[0]
     torch.testing.assert_close(feats_sparse, feats_dense, rtol=1e-5, atol=1e-5)
-    assert knn.knn_evaluate(fcmae.encoder, train, val, device, 3, k=3) == \
-        knn.knn_evaluate(dense.forward_features, train, val, device, 3, k=3)
+    assert knn_core.knn_evaluate(fcmae.encoder, train, val, device, 3, k=3) == \
+        knn_core.knn_evaluate(dense.forward_features, train, val, device, 3, k=3)
