@@ -5,7 +5,8 @@ One row = one (size, batch, backend, compiled, what) case:
 - what="encoder": the encoder's forward + backward of a scalar of its output
   (the training cost of the encoder alone; the masked backends get a 60% mask).
 - what="step": the whole pre-training step: FCMAE forward with the mask
-  drawn inside, backward, AdamW step (`fcmae.optim.build_optimizer`).
+  drawn inside, backward, AdamW step (`fcmae.optim.build_optimizer`: fused
+  on CUDA, as in training).
 
 Backends: "torch", "dense-masked" (and "minkowski" when installed) are the
 sparse encoder's; "timm" is timm's dense ConvNeXt V2 (`forward_features`).
@@ -19,6 +20,8 @@ Timing: `warmup` untimed steps (they include compilation), then the median
 of `iters` steps, each timed with CUDA events (CPU: wall clock). Peak memory
 is torch.cuda.max_memory_allocated over the timed steps (CPU: None). MFU is
 the analytic FLOPs (fcmae/flops.py) / time / the device's peak dense bf16 rate.
+The caller sets the device's training defaults first
+(`fcmae.runtime.device.configure_device`: TF32, cudnn.benchmark on CUDA).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from fcmae.flops import step_flops
+from fcmae.runtime.device import compile_model
 from fcmae.masking import PATCH_SIZE, num_kept, random_mask, upsample_mask
 
 MASK_RATIO = 0.6
@@ -177,7 +181,7 @@ def bench_row(arch: Arch, backend: str, what: str, compiled: bool, device: torch
         runner = model
         if compiled:
             torch._dynamo.reset()
-            runner = torch.compile(model, backend=compile_backend)
+            runner = compile_model(model, compile_backend)  # as the training commands compile
         imgs = torch.randn(arch.batch, 3, arch.img_size, arch.img_size, device=device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 

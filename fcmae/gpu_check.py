@@ -4,7 +4,8 @@
     bash launch/gpu_check.sh --sizes base --parts bench   # one part, one size
     bash launch/gpu_check.sh --device cpu --quick --out /tmp/check   # the same script on tiny configs (CI)
 
-Parts (--parts, run in the order given; default tests,bench,pretrain):
+Parts (--parts, run in the order given; default tests,bench,pretrain; data
+and dwconv on request):
 - tests: pytest on the tests marked `cuda` (they skip on CPU); counts of
   passed, failed and skipped tests.
 - bench: the encoder and the full pre-training step of each size and
@@ -13,6 +14,18 @@ Parts (--parts, run in the order given; default tests,bench,pretrain):
   image folder (300 steps of base at 224 by default), through the real
   loader; images/s and the final loss from the run's log.jsonl (kept as
   OUT/pretrain_log.jsonl; images and checkpoints go to a temporary folder).
+  `--pretrain-compile best` (default) passes `--compile true` when this
+  run's bench measured the compiled step of the `torch` backend faster than
+  eager, `false` when slower, and leaves the command's default otherwise.
+- data: `python -m fcmae.bench_data` on photographs it writes first
+  (ImageNet-like 500x375 JPEGs): images/s per process of each loading
+  pipeline (JSON key `data`).
+- dwconv: `python -m sparse.bench --mode dwconv`, the depthwise conv's
+  methods per stage (base at batch 64; JSON key `dwconv`, ms per call).
+
+Every part runs with the training defaults of the device
+(fcmae/runtime/device.py: TF32, cudnn.benchmark, fused AdamW on CUDA), and
+subprocesses use this interpreter (`PYTHON` is set for the launcher).
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md, rewritten after every part
 and every bench row, so a run cut short still leaves what it measured.
@@ -35,8 +48,11 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from fcmae.runtime.device import configure_device
+
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "bench", "pretrain")
+PARTS = ("tests", "bench", "pretrain", "data", "dwconv")
+DEFAULT_PARTS = ("tests", "bench", "pretrain")
 FULL_SIZES = {"tiny": 128, "base": 64, "huge": 32}  # batch per size at 224 (the issue's table)
 BENCH_BACKENDS = ("torch", "dense-masked", "timm", "minkowski")
 
@@ -46,7 +62,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default="output/gpu_check", help="output folder (default: output/gpu_check)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny configurations, few steps (CI, smoke test)")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ",".join(PARTS))
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help="comma-separated, of: " + ",".join(PARTS) + " (default: " + ",".join(DEFAULT_PARTS) + ")")
     parser.add_argument("--sizes", default=",".join(FULL_SIZES),
                         help="bench sizes (--quick uses one tiny custom config instead)")
     parser.add_argument("--backends", default=None,
@@ -59,6 +76,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="torch.compile backend (default inductor; on CPU aot_eager: inductor's C++ "
                              "build takes minutes on a small CPU)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (default 300; quick 6)")
+    parser.add_argument("--pretrain-compile", default="best", choices=["best", "auto", "true", "false"],
+                        help="the pre-training run's --compile: best = whichever this run's bench measured faster "
+                             "for the torch backend's step (else the command's default, auto)")
+    parser.add_argument("--data-images", type=int, default=None,
+                        help="data: photographs written (default 256; quick 8)")
+    parser.add_argument("--data-seconds", type=float, default=None,
+                        help="data: measuring seconds per pipeline (default 5; quick 0.3)")
     args = parser.parse_args(argv)
     args.parts = split_choices(parser, "--parts", args.parts, PARTS)
     args.sizes = split_choices(parser, "--sizes", args.sizes, tuple(FULL_SIZES))
@@ -72,6 +96,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.warmup = args.warmup or (1 if args.quick else 3)
     args.compile_backend = args.compile_backend or ("inductor" if args.device == "cuda" else "aot_eager")
     args.pretrain_steps = args.pretrain_steps or (6 if args.quick else 300)
+    args.data_images = args.data_images or (8 if args.quick else 256)
+    args.data_seconds = args.data_seconds or (0.3 if args.quick else 5.0)
     return args
 
 
@@ -124,7 +150,22 @@ class Report:
         if d["pretrain"] is not None:
             p = d["pretrain"]
             lines += [f"Pre-training: {p['steps']} steps, {fmt(p['img_s'], '.0f')} images/s, "
-                      f"final loss {fmt(p['final_loss'], '.4f')}.", ""]
+                      f"final loss {fmt(p['final_loss'], '.4f')}, compile {d.get('pretrain_compile', 'auto')}"
+                      + (f"; {p['error']}" if "error" in p else "") + ".", ""]
+        if d.get("data") is not None:
+            data = d["data"]
+            rates = ", ".join(f"{name} {rate:.0f}" for name, rate in data.get("img_s", {}).items())
+            lines += [f"Data loading ({data['images']} photographs of {data['photo_size']}, input "
+                      f"{data['input_size']}, images/s per process, 1 thread): {rates or data.get('error')}.", ""]
+        if d.get("dwconv"):
+            columns = [k for k in d["dwconv"][0] if k.startswith(("conv:", "wgrad:"))]
+            lines += ["Depthwise conv, ms per call by method (sparse/depthwise.py):", "",
+                      "| p | C | " + " | ".join(columns) + " | fastest | default |",
+                      "|---|---|" + "---|" * (len(columns) + 2)]
+            for r in d["dwconv"]:
+                lines.append(f"| {r['p']} | {r['channels']} | " + " | ".join(f"{r[c]:.3f}" for c in columns)
+                             + f" | {','.join(r['fastest'])} | {','.join(r['default'])} |")
+            lines.append("")
         return "\n".join(lines)
 
 
@@ -209,7 +250,19 @@ def write_synthetic_images(folder: Path, count: int, side: int, seed: int = 0):
         Image.fromarray(img).save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
-def run_pretrain(args, device: torch.device, out: Path) -> Dict:
+def pretrain_compile(args, bench: List[Dict]) -> str:
+    """The pre-training run's --compile: as asked, or for `best` what the bench's torch step rows say."""
+    if args.pretrain_compile != "best":
+        return args.pretrain_compile
+    size = "quick" if args.quick else "base"
+    for rows in ([r for r in bench if r["size"] == size], bench):  # the run's size first, else any size
+        ms = {r["compiled"]: r["ms"] for r in rows if r["what"] == "step" and r["backend"] == "torch" and r["ms"]}
+        if len(ms) == 2:
+            return "true" if ms[True] < ms[False] else "false"
+    return "auto"
+
+
+def run_pretrain(args, device: torch.device, out: Path, compile_mode: str) -> Dict:
     """launch/pretrain.sh on synthetic images; steps, images/s and the final loss from log.jsonl."""
     steps = args.pretrain_steps
     if args.quick:
@@ -231,10 +284,11 @@ def run_pretrain(args, device: torch.device, out: Path) -> Dict:
         cmd = ["bash", str(REPO / "launch" / "pretrain.sh"), *model_args, "--data_path", str(data),
                "--output_dir", str(run_dir), "--resume", "none", "--batch_size", str(batch),
                "--effective_batch", str(batch), "--epochs", str(epochs), "--warmup_epochs", "1",
-               "--vis_images", "0", "--save_every", "0",
-               "--device", device.type]
+               "--vis_images", "0", "--save_every", "0", "--compile=" + compile_mode,
+               "--compile_backend", args.compile_backend, "--device", device.type]
         print("pretrain:", " ".join(cmd), flush=True)
-        env = dict(os.environ, NPROC_PER_NODE="1")  # one process: the number is per GPU
+        # One process (the number is per GPU), on this interpreter (the machine may have only `python3`).
+        env = dict(os.environ, NPROC_PER_NODE="1", PYTHON=sys.executable)
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log_text = (run_dir / "log.jsonl").read_text() if (run_dir / "log.jsonl").is_file() else ""
     print("\n".join(proc.stdout.splitlines()[-15:]), flush=True)
@@ -250,11 +304,53 @@ def run_pretrain(args, device: torch.device, out: Path) -> Dict:
     return result
 
 
+def run_data(args, device: torch.device) -> Dict:
+    """python -m fcmae.bench_data on photographs written to a temporary folder; images/s per pipeline."""
+    photo_size, input_size = "500x375", 64 if args.quick else 224  # ImageNet's typical photograph
+    result = {"images": args.data_images, "photo_size": photo_size, "input_size": input_size,
+              "seconds": args.data_seconds}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_data_") as tmp:
+        bench = [sys.executable, "-m", "fcmae.bench_data"]
+        cmds = [bench + ["--make_photos", tmp, "--count", str(args.data_images), "--photo_size", photo_size],
+                bench + ["--data_path", tmp, "--device", device.type, "--seconds", str(args.data_seconds),
+                         "--input_size", str(input_size)]]
+        for cmd in cmds:
+            print("data:", " ".join(cmd), flush=True)
+            proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            print("\n".join(proc.stdout.splitlines()[-8:]), flush=True)
+            if proc.returncode != 0:
+                result["error"] = f"fcmae.bench_data exited with {proc.returncode}: {proc.stdout.strip()[-200:]}"
+                return result
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    result["img_s"] = {w[0][:-1]: float(w[1]) for w in lines if len(w) == 3 and w[2] == "img/s"}
+    result["ratio"] = next((float(w[1]) for w in lines if len(w) == 2 and w[0] == "ratio"), None)
+    return result
+
+
+def run_dwconv(args, device: torch.device) -> List[Dict]:
+    """sparse.bench --mode dwconv: ms per call of each depthwise conv method, per stage."""
+    from sparse import bench as sparse_bench
+    from sparse.depthwise import depthwise_method
+
+    size, batch, img = ("atto", 2, 64) if args.quick else ("base", 64, 224)
+    results = sparse_bench.main(["--mode", "dwconv", "--size", size, "--batch", str(batch), "--img-size", str(img),
+                                 "--device", device.type, "--iters", str(args.iters), "--warmup", str(args.warmup),
+                                 "--threads", str(torch.get_num_threads())])
+    rows = []
+    for (p, channels), seconds in results.items():
+        ms = {name: round(t * 1000, 4) for name, t in seconds.items()}
+        fastest = [min((k for k in ms if k.startswith(part)), key=ms.get).split(":")[1] for part in ("conv:", "wgrad:")]
+        rows.append({"size": size, "batch": batch, "p": p, "channels": channels, **ms, "fastest": fastest,
+                     "default": list(depthwise_method(device.type, p))})
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out)
     report = Report(out, device, args)
+    configure_device(device)  # the training defaults (TF32, cudnn.benchmark on CUDA), as the commands set them
     if device.type == "cpu":
         torch.set_num_threads(1)  # small CPU models gain little from threads, and lose a lot on a busy machine
     print(f"gpu check on {report.data['device']}: {report.settings}; results in {out}", flush=True)
@@ -264,13 +360,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             report.data["tests"] = run_tests(out)
         elif part == "bench":
             run_bench(args, device, report)
+        elif part == "pretrain":
+            report.data["pretrain_compile"] = compile_mode = pretrain_compile(args, report.data["bench"])
+            report.data["pretrain"] = run_pretrain(args, device, out, compile_mode)
+        elif part == "data":
+            report.data["data"] = run_data(args, device)
         else:
-            report.data["pretrain"] = run_pretrain(args, device, out)
+            report.data["dwconv"] = run_dwconv(args, device)
         report.write()
         print(f"{part}: done in {time.perf_counter() - begin:.0f} s", flush=True)
     print(report.markdown(), flush=True)
     tests = report.data["tests"]
-    return 1 if (tests and tests["failed"]) or (report.data["pretrain"] or {}).get("error") else 0
+    failed = [(report.data.get(k) or {}).get("error") for k in ("pretrain", "data")]
+    return 1 if (tests and tests["failed"]) or any(failed) else 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, resume_checkpoint
 from fcmae.runtime.config import dump_config
+from fcmae.runtime.device import configure_device, model_compiler
 from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan, make_plan, plan_lines
 from fcmae.runtime.trainer import (
@@ -161,6 +162,7 @@ def run(cfg: PretrainConfig) -> int:
     info = distributed.init_distributed(cfg.device)
     threads = torch.get_num_threads()
     try:
+        configure_device(info.device, cfg.tf32)
         if info.device.type == "cpu" and cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
         with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
@@ -177,6 +179,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
             f"using {info.world_size}")
     out = Path(cfg.output_dir)
     check_output_dir(out)
+    compile_fn = model_compiler(cfg, device)
 
     # Everything that can fail on bad input comes before any compute; rank 0 builds the demo set first.
     root = data_root(cfg) if main else None
@@ -233,7 +236,8 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         return loss
 
     trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
-                      {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp))
+                      {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp),
+                      compile_fn=compile_fn)
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
         resume_check.align_state(trainer.state, old_plan, plan)
@@ -258,7 +262,8 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
             _save_reconstruction(model, fixed_imgs, cfg, device, state.step, trainer.tb, out)
 
     loader = train_loader(dataset, plan, cfg.num_workers, cfg.seed, info, collate_fn=collate_images)
-    log(f"training: {len(dataset)} images, {plan.iters_per_epoch} iterations/epoch, output in {out}")
+    log(f"training: {len(dataset)} images, {plan.iters_per_epoch} iterations/epoch, output in {out}"
+        + (f"; torch.compile ({cfg.compile_backend}): the first steps compile" if compile_fn else ""))
     try:
         finished = trainer.fit(loader, end_epoch)
     except DataError as e:

@@ -5,6 +5,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn as nn
 
+from fcmae.runtime.device import adamw_fused
+
 # Parameters the reference release decays although they are not weight matrices (see docs/RECIPES.md).
 REFERENCE_DECAYED = ("grn.weight", "grn.bias", "mask_token")
 
@@ -28,6 +30,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_grn_and_mask_token
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float] = (0.9, 0.95),
                     decay_grn_and_mask_token: bool = False) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`."""
+    """AdamW over `param_groups`; fused (one kernel per step) when every parameter is on CUDA."""
     return torch.optim.AdamW(param_groups(model, weight_decay, decay_grn_and_mask_token), lr=lr,
-                             betas=tuple(betas))
+                             betas=tuple(betas), fused=adamw_fused(model))

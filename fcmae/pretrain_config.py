@@ -26,7 +26,7 @@ from sparse import BACKENDS
 FLAGS = Flags(
     aliases={"model": "size", "accum_iter": "update_freq", "decoder_embed_dim": "decoder_dim",
              "save_ckpt_freq": "save_every"},
-    boolean=("dry_run", "norm_pix_loss", "demo_data", "allow_config_change"),
+    boolean=("dry_run", "norm_pix_loss", "demo_data", "allow_config_change", "compile"),
     ignored=("pin_mem", "no_pin_mem", "dist_on_itp", "auto_resume"),
     ignored_with_value=("dist_url", "local_rank", "start_epoch"),
 )

@@ -24,7 +24,7 @@ from finetune.optim import LAYER_DECAY_TYPES
 # distributed and exact; pinning is automatic; ImageNet is just an image folder).
 FLAGS = Flags(
     aliases={"model": "size", "nb_classes": "num_classes", "accum_iter": "update_freq", "save_ckpt_freq": "save_every"},
-    boolean=("dry_run", "demo", "eval", "model_ema", "model_ema_eval", "use_amp", "allow_config_change"),
+    boolean=("dry_run", "demo", "eval", "model_ema", "model_ema_eval", "use_amp", "allow_config_change", "compile"),
     ignored=("pin_mem", "no_pin_mem", "dist_eval", "dist_on_itp", "auto_resume", "disable_eval",
              "model_ema_force_cpu"),
     ignored_with_value=("data_set", "dist_url", "local_rank", "start_epoch"),

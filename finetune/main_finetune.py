@@ -40,6 +40,7 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint, resume_checkpoint
 from fcmae.runtime.config import dump_config
+from fcmae.runtime.device import configure_device, model_compiler
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
 from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, precision_note, seed_everything, train_loader
@@ -188,6 +189,7 @@ def run(cfg: FinetuneConfig) -> int:
     info = distributed.init_distributed(cfg.device)
     threads = torch.get_num_threads()
     try:
+        configure_device(info.device, cfg.tf32)
         if info.device.type == "cpu" and cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
         if cfg.eval:
@@ -246,6 +248,7 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     device, main = info.device, info.is_main
     out = Path(cfg.output_dir)
     check_output_dir(out)
+    compile_fn = model_compiler(cfg, device)
 
     # Everything that can fail on bad input comes before any compute.
     root, classes = prepare_splits(cfg, info)
@@ -295,7 +298,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
                       {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp),
                       after_step=ema.update if ema is not None else None,
                       extra_state=lambda: {"ema": ema.module.state_dict() if ema is not None else None,
-                                           "best": best, "classes": classes})
+                                           "best": best, "classes": classes},
+                      compile_fn=compile_fn)
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
         resume_check.align_state(trainer.state, old_plan, plan)
@@ -333,7 +337,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
 
     loader = train_loader(train_set, plan, cfg.num_workers, cfg.seed, info)
     log(f"training: {len(train_set)} images in {num_classes} classes, {plan.iters_per_epoch} iterations/epoch, "
-        f"validation on {len(val_set)} images, output in {out}")
+        f"validation on {len(val_set)} images, output in {out}"
+        + (f"; torch.compile ({cfg.compile_backend}) for training, eager validation" if compile_fn else ""))
     if not trainer.fit(loader, end_epoch):
         return 0
     last = state.history[-1]

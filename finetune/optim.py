@@ -24,6 +24,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn as nn
 
+from fcmae.runtime.device import adamw_fused
+
 LAYER_DECAY_TYPES = ("single", "group")
 _STAGE = re.compile(r"^stages\.(\d+)\.(downsample|blocks\.(\d+))\.")
 
@@ -78,8 +80,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float, dept
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float, depths: Sequence[int],
                     rule: str = "single", betas=(0.9, 0.999)) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; the lr of each group is lr * lr_scale (fcmae.runtime.schedule.set_lr keeps it so)."""
+    """AdamW over `param_groups`; the lr of each group is lr * lr_scale (fcmae.runtime.schedule.set_lr keeps it so);
+    fused when every parameter is on CUDA."""
     groups = param_groups(model, weight_decay, layer_decay, depths, rule)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=adamw_fused(model))

@@ -10,4 +10,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m fcmae.gpu_check "$@"
+# $PYTHON picks the interpreter (default: python, else python3); the parts' subprocesses use the same one.
+if [[ -z "${PYTHON:-}" ]]; then
+    PYTHON=python
+    command -v python >/dev/null 2>&1 || PYTHON=python3
+fi
+exec "$PYTHON" -m fcmae.gpu_check "$@"

@@ -57,10 +57,11 @@ def test_unmasked_encoder_equals_timm_dense_on_cuda():
 
 
 def test_training_step_has_no_host_sync():
-    """Forward (mask drawn inside), backward and AdamW step without one device-to-host sync (bf16)."""
+    """Forward (mask drawn inside), backward and fused AdamW step without one device-to-host sync (bf16)."""
     model = build_fcmae("atto", img_size=64, mask_ratio=0.5, decoder_dim=16, depths=TINY_DEPTHS, dims=TINY_DIMS,
                         drop_path_rate=0.1).to(CUDA).train()
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert all(group["fused"] for group in optimizer.param_groups)  # every parameter on CUDA
     imgs = torch.randn(4, 3, 64, 64, device=CUDA)
 
     def step():
@@ -91,7 +92,8 @@ def tiny_pretrain_args(data, out, *extra):
     return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), "--depths", "[1,1,1,1]",
             "--dims", "[8,16,16,16]", "--decoder_dim", "32", "--input_size", "64", "--mask_ratio", "0.5",
             "--batch_size", "4", "--effective_batch", "4", "--epochs", "2", "--warmup_epochs", "1",
-            "--num_workers", "0", "--print_every", "1", "--vis_images", "0", "--device", "cuda", *extra]
+            "--num_workers", "0", "--print_every", "1", "--vis_images", "0", "--device", "cuda",
+            "--compile", "false", *extra]  # eager: inductor's compilation is the bench's (minutes of GPU time)
 
 
 def train_losses(out):

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from timm.models.convnext import ConvNeXt
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcmae import build_fcmae
+from fcmae import gpu_check
+from fcmae.gpu_check import parse_args, pretrain_compile
 from fcmae.flops import decoder_forward_flops, encoder_forward_flops, step_flops
 from fcmae.gpu_bench import MaskedImageDenseEncoder, peak_bf16_flops
 
@@ -61,11 +64,12 @@ def test_peak_rate_is_unknown_on_cpu():
 def test_quick_cpu_run_writes_every_key(tmp_path):
     out = tmp_path / "check"
     proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), "--device", "cpu", "--quick",
-                           "--backends", "torch,dense-masked,timm", "--out", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           "--backends", "torch,dense-masked,timm", "--parts", "tests,bench,pretrain,data,dwconv",
+                           "--out", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
     result = json.loads((out / "gpu_check.json").read_text())
-    assert set(result) == {"device", "tests", "bench", "pretrain"}
+    assert set(result) == {"device", "tests", "bench", "pretrain", "pretrain_compile", "data", "dwconv"}
     assert isinstance(result["device"], str) and result["device"].startswith("cpu")
     tests = result["tests"]
     assert set(tests) == {"passed", "failed", "skipped"} and all(isinstance(v, int) for v in tests.values())
@@ -80,12 +84,50 @@ def test_quick_cpu_run_writes_every_key(tmp_path):
     pretrain = result["pretrain"]
     assert set(pretrain) == {"steps", "img_s", "final_loss"}
     assert pretrain["steps"] == 6 and pretrain["img_s"] > 0 and 0 < pretrain["final_loss"] < 10
+    assert result["pretrain_compile"] in ("true", "false")  # chosen from the bench's torch step rows
+    data = result["data"]
+    assert set(data["img_s"]) == {"fcmae-cpu", "torchvision"} and min(data["img_s"].values()) > 0
+    assert data["ratio"] > 0 and "error" not in data
+    assert [(r["p"], r["channels"]) for r in result["dwconv"]] == [(8, 40), (4, 80), (2, 160), (1, 320)]  # atto
+    for row in result["dwconv"]:
+        assert row["conv:dense"] > 0 and row["wgrad:loop"] > 0 and len(row["fastest"]) == len(row["default"]) == 2
     assert "| quick | 4 | step | torch | yes |" in (out / "gpu_check.md").read_text()
     assert '"type": "train"' in (out / "pretrain_log.jsonl").read_text()
+
+
+def bench_rows(compiled_ms, eager_ms, size="base"):
+    return [{"size": size, "what": "step", "backend": "torch", "compiled": True, "ms": compiled_ms},
+            {"size": size, "what": "step", "backend": "torch", "compiled": False, "ms": eager_ms},
+            {"size": size, "what": "step", "backend": "timm", "compiled": True, "ms": 0.1}]
+
+
+@pytest.mark.parametrize("flag,rows,expected", [
+    ("best", bench_rows(80.0, 100.0), "true"), ("best", bench_rows(120.0, 100.0), "false"),
+    ("best", bench_rows(80.0, 100.0, "huge"), "true"),  # no base rows: another size decides
+    ("best", bench_rows(None, 100.0), "auto"), ("best", [], "auto"), ("false", bench_rows(80.0, 100.0), "false")])
+def test_pretrain_compile_follows_the_bench(flag, rows, expected):
+    args = parse_args(["--device", "cpu", "--pretrain-compile", flag])
+    assert pretrain_compile(args, rows) == expected
+
+
+def test_pretrain_runs_the_launcher_on_this_python(tmp_path, monkeypatch):
+    """The launcher's subprocess gets PYTHON=sys.executable (a GPU machine may have only `python3`)."""
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs["env"]))
+        return subprocess.CompletedProcess(cmd, 0, stdout="")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    args = parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    gpu_check.run_pretrain(args, torch.device("cpu"), tmp_path, "true")
+    (cmd, env), = calls
+    assert env["PYTHON"] == sys.executable and env["NPROC_PER_NODE"] == "1"
+    assert "--compile=true" in cmd and cmd[cmd.index("--compile_backend") + 1] == "aot_eager"
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), "--device", "cpu", "--parts", "tests,foo",
                            "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.returncode == 2 and "--parts: foo; choose from tests, bench, pretrain" in proc.stdout
+    assert proc.returncode == 2 and "--parts: foo; choose from tests, bench, pretrain, data, dwconv" in proc.stdout
     assert "Traceback" not in proc.stdout

@@ -167,6 +167,10 @@ class TrainConfig:
     clip_grad: Optional[float] = setting(0.0, low_open=True)
     amp: str = setting(parse=parse_amp)
     device: str
+    # GPU
+    compile: Optional[bool] = setting(parse=parse_auto)  # None = auto: on CUDA only (fcmae/runtime/device.py)
+    compile_backend: str
+    tf32: bool
     seed: int
     output_dir: str
     log_dir: str

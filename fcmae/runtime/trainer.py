@@ -146,6 +146,8 @@ class Trainer:
         scaler: the fp16 loss scaler, or None.
         after_step: (model, step) after each optimizer step (fine-tuning's EMA update).
         extra_state: () -> dict of the command's own checkpoint entries.
+        compile_fn: model -> the module the loop runs (torch.compile'd; fcmae.runtime.device.compile_model),
+            applied before DDP wraps it; checkpoints keep `model`'s plain parameter names.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -153,7 +155,8 @@ class Trainer:
                  info: distributed.DistInfo, output_dir, log_dir, config: Dict[str, Any],
                  scaler: Optional[torch.amp.GradScaler] = None,
                  after_step: Optional[Callable[[torch.nn.Module, int], None]] = None,
-                 extra_state: Optional[Callable[[], Dict[str, Any]]] = None):
+                 extra_state: Optional[Callable[[], Dict[str, Any]]] = None,
+                 compile_fn: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None):
         self.model, self.optimizer, self.loss_fn, self.settings = model, optimizer, loss_fn, settings
         self.info, self.device = info, info.device
         self.output_dir, self.log_dir, self.config = Path(output_dir), log_dir, config
@@ -164,11 +167,12 @@ class Trainer:
         self._failure: Optional[BaseException] = None  # raised on every rank at the next stop check
         self.jsonl: Optional[JsonlLogger] = None  # set while fit() runs
         self.tb: Optional[TensorBoard] = None
+        runner = compile_fn(model) if compile_fn is not None else model
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
         else:
-            self.ddp_model = model
+            self.ddp_model = runner
 
     # ------------------------------------------------------------ checkpoints
     def restore(self, saved: Dict[str, Any], path, seed: int) -> None:
@@ -179,7 +183,12 @@ class Trainer:
         rank when their steps differ.
         """
         self.model.load_state_dict(saved["model"])
+        # The saved param groups replace the built ones, implementation flags included: keep this run's
+        # (a checkpoint of a fused CUDA AdamW resumed on CPU, or the reverse).
+        built = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(saved["optimizer"])
+        for group, flags in zip(self.optimizer.param_groups, built):
+            group.update(flags)
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.state = RunState(**saved["run_state"])

@@ -1,0 +1,96 @@
+"""The device settings of a training run, in one place: CUDA defaults, fused AdamW, torch.compile.
+
+Both commands (fcmae/main_pretrain.py, finetune/main_finetune.py) and the GPU
+check's bench (fcmae/gpu_check.py) call `configure_device` once the device is
+known, build AdamW with `fused=adamw_fused(model)`, and compile with
+`compile_model`, so the measured numbers are those of a training run.
+
+On CUDA (none of these has been measured on a GPU yet; the GPU check,
+launch/gpu_check.sh, measures compiled against eager):
+- TF32 for float32 matmuls and cuDNN convolutions (`tf32` setting): float32
+  work (the master weights' optimizer step, `--amp off`) runs on tensor
+  cores with a 10-bit mantissa; bf16/fp16 autocast work is unaffected.
+- `cudnn.benchmark`: cuDNN picks the fastest convolution algorithm per
+  shape on first use; the shapes of a training run are fixed (fixed batch,
+  image size and kept-patch count), so it pays once.
+- fused AdamW: one kernel for the whole update instead of a few per tensor.
+- `torch.compile` on by default (`compile: auto`).
+On CPU all of this is off: `configure_device` changes nothing, AdamW is not
+fused, and `compile: auto` means eager (with inductor, the first step of a
+tiny model had not finished after 5 minutes on a 2-core machine).
+
+Not applied: channels-last memory format. The sparse encoder already keeps
+its features channels-last ((N, K, p, p, C) patches for `torch`, (N, H, W,
+C) maps for `dense-masked`; sparse/sites.py), so the format has nothing to
+change there. Fine-tuning's dense timm model could use it, but timm's
+ConvNeXt block permutes to channels-last around its norm and MLP itself,
+and the gain is unmeasured. Pinned memory with non_blocking copies is
+the loaders' part (`fcmae.runtime.trainer.train_loader`, the commands' loss
+functions, finetune/engine.py's evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from fcmae.runtime.config import ConfigError
+
+
+def configure_device(device: torch.device, tf32: bool = True) -> None:
+    """Set the CUDA defaults of a training run (process-wide); on any other device change nothing.
+
+    Args:
+        device: the run's device.
+        tf32: allow TF32 in float32 matmuls and cuDNN convolutions.
+    """
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")  # = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+
+
+def adamw_fused(model: nn.Module) -> bool:
+    """Whether AdamW can use its fused kernel: every trainable parameter is on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(p.is_cuda for p in params)
+
+
+def use_compile(setting: Optional[bool], device: torch.device) -> bool:
+    """The `compile` setting resolved for `device`: None (auto) means on CUDA only."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def check_compile_backend(backend: str) -> None:
+    """A ConfigError unless `backend` is one of torch.compile's backends."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"compile_backend {backend!r} is not a torch.compile backend; known: {', '.join(known)}")
+
+
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """`torch.compile(model)`; the returned module shares `model`'s parameters.
+
+    Save `model.state_dict()` (the compiled module's names carry a `_orig_mod.` prefix).
+
+    Args:
+        backend: a torch.compile backend (inductor; aot_eager compiles the graph without generating code).
+    """
+    check_compile_backend(backend)
+    return torch.compile(model, backend=backend)
+
+
+def model_compiler(cfg, device: torch.device) -> Optional[Callable[[nn.Module], nn.Module]]:
+    """What `Trainer(compile_fn=...)` gets for a TrainConfig's `compile`/`compile_backend`: None for eager.
+
+    The backend is checked here, before any data is read or model built.
+    """
+    if not use_compile(cfg.compile, device):
+        return None
+    check_compile_backend(cfg.compile_backend)
+    return lambda model: compile_model(model, cfg.compile_backend)
