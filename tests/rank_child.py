@@ -50,15 +50,15 @@ def nan_on_rank_1() -> None:
 def unreadable_on_rank_1() -> None:
     from fcmae.data import ImageFolderDataset
 
-    real_load = ImageFolderDataset.load
+    real_crop_item = ImageFolderDataset.crop_item  # what training reads a sample with
 
-    def load(self, index):
-        if index % 2:
-            raise OSError(f"cannot identify image file {str(self.files[index])!r}")
-        return real_load(self, index)
+    def crop_item(self, file_index, index):
+        if file_index % 2:
+            raise OSError(f"cannot identify image file {str(self.files[file_index])!r}")
+        return real_crop_item(self, file_index, index)
 
     if RANK == 1:
-        ImageFolderDataset.load = load
+        ImageFolderDataset.crop_item = crop_item
 
 
 def stale_listing_on_rank_1() -> None:
