@@ -20,6 +20,11 @@ the RNG states of every process are saved, so on CPU a resumed run
 reproduces the losses of an uninterrupted one.
 """
 
+if __name__ == "__main__":  # first thing: a stop signal during the slow imports below must not kill us
+    from fcmae.runtime.signals import install_stop_handler
+
+    install_stop_handler()
+
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional

@@ -21,6 +21,11 @@ auto-resume, pre-emption (SIGTERM / SIGUSR1), progress lines, TensorBoard and
 log.jsonl work as in pre-training.
 """
 
+if __name__ == "__main__":  # first thing: a stop signal during the slow imports below must not kill us
+    from fcmae.runtime.signals import install_stop_handler
+
+    install_stop_handler()
+
 from pathlib import Path
 from typing import Any, Dict
 
@@ -34,6 +39,7 @@ from fcmae.runtime.command import Command, UsageError, check_output_dir, read_ch
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
+from fcmae.runtime.signals import ignore_stop_signals
 from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, seed_everything, train_loader
 from finetune import data as ftdata
 from finetune.config import FinetuneConfig, resolve_config as _resolve
@@ -109,7 +115,7 @@ def prepare_data(cfg: FinetuneConfig, info: distributed.DistInfo):
 def val_loader(cfg: FinetuneConfig, val, info: distributed.DistInfo) -> DataLoader:
     sampler = ftdata.ShardSampler(len(val), info.rank, info.world_size)
     return DataLoader(val, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                      pin_memory=info.device.type == "cuda")
+                      pin_memory=info.device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
 
 # ---------------------------------------------------------------- checkpoints

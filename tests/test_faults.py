@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae import checkpoint as ckpt
+from fcmae.runtime import checkpoint as ckpt
 from fcmae import main_pretrain
-from fcmae.logging_utils import read_jsonl
+from fcmae.runtime.logs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "pretrain.sh"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcmae import checkpoint as ckpt
+from fcmae.runtime import checkpoint as ckpt
 from tests import slurm_helpers as slurm
 
 pytestmark = pytest.mark.slurm

@@ -25,10 +25,13 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence
+
+from fcmae.runtime import slurm
 
 LAUNCHERS = ("python", "torchrun", "srun")
 
@@ -80,28 +83,58 @@ def count_gpus(env: Mapping[str, str]) -> int:
     return count
 
 
+def _slurm_world(env: Mapping[str, str], launcher: str) -> World:
+    """The world of a SLURM allocation: nodes, tasks per node and GPUs per node from SLURM's variables.
+
+    An explicit NPROC_PER_NODE must agree with the allocation's tasks per node.
+    """
+    nnodes = _positive_int(env, "NNODES", 0) or _positive_int(env, "SLURM_JOB_NUM_NODES", 1)
+    try:
+        tasks = slurm.tasks_per_node(env)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    explicit = _positive_int(env, "NPROC_PER_NODE", 0)
+    if tasks is not None and explicit and explicit != tasks:
+        where = "SLURM_NTASKS_PER_NODE" if env.get("SLURM_NTASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
+        raise LaunchError(f"NPROC_PER_NODE={explicit} disagrees with the SLURM allocation's {tasks} task(s) per node "
+                          f"({where}); unset NPROC_PER_NODE or ask sbatch for --ntasks-per-node={explicit}")
+    nproc = tasks or explicit or 1
+    return World(launcher, nnodes, nproc, min(_gpus_on_node(env), nproc))
+
+
+def _gpus_on_node(env: Mapping[str, str]) -> int:
+    """SLURM_GPUS_ON_NODE inside an allocation that has GPUs (gres), else the GPUs this node shows."""
+    value = env.get("SLURM_GPUS_ON_NODE", "")
+    if value.isdigit():
+        return int(value)
+    return count_gpus(env)
+
+
 def world_from_environment(env: Optional[Mapping[str, str]] = None) -> World:
     """The launcher and the number of nodes and processes, from the environment (see the module docstring)."""
     env = os.environ if env is None else env
-    if env.get("NPROC_PER_NODE"):
-        gpus = _positive_int(env, "NPROC_PER_NODE", 1)
-    else:
-        gpus = count_gpus(env)
-    nproc = max(gpus, 1)
-    in_allocation = bool(env.get("SLURM_JOB_ID"))
-    if in_allocation and not env.get("NNODES"):
-        nnodes = _positive_int(env, "SLURM_JOB_NUM_NODES", 1)
-    else:
-        nnodes = _positive_int(env, "NNODES", 1)
     launcher = env.get("FCMAE_LAUNCHER", "")
     if launcher and launcher not in LAUNCHERS:
         raise LaunchError(f"unknown FCMAE_LAUNCHER {launcher!r} ({', '.join(LAUNCHERS)})")
-    if not launcher:
-        if in_allocation and not env.get("SLURM_STEP_ID") and shutil.which("srun"):
-            launcher = "srun"
-        else:
-            launcher = "torchrun" if nnodes * nproc > 1 else "python"
-    return World(launcher, nnodes, nproc, gpus)
+    if launcher == "python":  # one process, whatever the scheduler's variables say
+        return World("python", 1, 1, min(count_gpus(env), 1))
+    if slurm.in_step(env) and not launcher:  # already one task of an srun step: its world is the step's
+        try:
+            per_node = slurm.parse_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or "1")
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
+        return World("python", _positive_int(env, "SLURM_STEP_NUM_NODES", 1), per_node,
+                     min(_gpus_on_node(env), per_node))
+    if slurm.in_allocation(env) and not slurm.in_step(env):
+        if not launcher:
+            launcher = "srun" if shutil.which("srun") else "torchrun"
+        return _slurm_world(env, launcher)
+    if launcher == "srun":
+        return _slurm_world(env, launcher)
+    gpus = count_gpus(env)
+    nproc = _positive_int(env, "NPROC_PER_NODE", 0) or max(gpus, 1)
+    nnodes = _positive_int(env, "NNODES", 1)
+    return World(launcher or ("torchrun" if nnodes * nproc > 1 else "python"), nnodes, nproc, min(gpus, nproc))
 
 
 def launch_argv(world: World, module: str, args: Sequence[str], env: Mapping[str, str]) -> List[str]:
@@ -121,10 +154,83 @@ def launch_argv(world: World, module: str, args: Sequence[str], env: Mapping[str
         return [*run, "--nnodes", str(world.nnodes), "--node_rank", env["NODE_RANK"], "--nproc_per_node",
                 str(world.nproc_per_node), "--master_addr", env["MASTER_ADDR"], "--master_port",
                 env.get("MASTER_PORT", "29500"), *script]
-    # srun: one task per GPU; SLURM's SIGTERM (or --signal=USR1@...) before pre-emption makes the
-    # training save a checkpoint at the next step and exit cleanly.
+    # srun: one task per GPU (per CPU process); see Supervisor for the signals.
     return ["srun", "--nodes", str(world.nnodes), "--ntasks-per-node", str(world.nproc_per_node),
-            "--kill-on-bad-exit=1", python, "-u", *script]
+            "--kill-on-bad-exit=1", "--unbuffered", python, "-u", *script]
+
+
+class Supervisor:
+    """Runs torchrun or srun as a child and passes the stop signals it receives on to every training process.
+
+    Installed before anything slow, it records SIGTERM, SIGINT, SIGUSR1 and
+    SIGHUP from the start. Once the child runs, each of them is passed on:
+    - srun: SIGUSR1 to srun, which forwards it to every task of its step on
+      every node (srun turns a SIGTERM of its own into a SIGKILL of the step,
+      docs/SLURM.md);
+    - torchrun: the signal (SIGTERM for SIGINT and SIGHUP) to each training
+      process, which torchrun starts in sessions of their own. torchrun itself
+      ignores these signals: on SIGTERM it would kill its workers 30 s later
+      and exit with a traceback.
+    The training processes save a checkpoint and exit 0; the launcher waits
+    for the child and exits with its code.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.child: Optional[subprocess.Popen] = None
+        self.launcher = ""
+
+    def install(self) -> "Supervisor":
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # noqa: ARG002 (signal handler signature)
+        self.received = signum
+        if self.child is not None and self.child.poll() is None:
+            self._forward(signum)
+
+    def _forward(self, signum: int) -> None:
+        if self.launcher == "srun":
+            targets, sent = [self.child.pid], signal.SIGUSR1
+        else:
+            targets = _children(self.child.pid)
+            sent = signum if signum in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
+        for pid in targets:
+            try:
+                os.kill(pid, sent)
+            except ProcessLookupError:
+                pass
+
+    def run(self, argv: Sequence[str], env: Mapping[str, str], launcher: str) -> int:
+        """Start `argv`, wait for it (passing signals on) and return its exit code (128 + N if killed by N)."""
+        self.launcher = launcher
+        if launcher == "torchrun":
+            env = {**env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
+        self.child = subprocess.Popen(list(argv), env=dict(env),
+                                      preexec_fn=_ignore_stop_signals if launcher == "torchrun" else None)
+        if self.received is not None:  # arrived while starting
+            self._forward(self.received)
+        code = self.child.wait()
+        return 128 - code if code < 0 else code
+
+
+def _ignore_stop_signals() -> None:
+    """In torchrun's process, before exec: ignore the signals the launcher passes on (inherited by its workers,
+    whose training command installs its own handler for SIGTERM and SIGUSR1)."""
+    for s in Supervisor.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _children(pid: int) -> List[int]:
+    """The direct children of `pid` (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def _srun_environment(env: Mapping[str, str]) -> dict:
@@ -138,6 +244,7 @@ def _srun_environment(env: Mapping[str, str]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    supervisor = Supervisor().install()  # first: a stop signal while torch is imported must not kill the launcher
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         print("usage: python -m fcmae.runtime.launch MODULE [args...]  (MODULE: fcmae.main_pretrain or "
@@ -161,9 +268,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         full = launch_argv(world, module, args, env)
     except command.usage_errors() + (LaunchError,) as e:
         command.fail(e)
-    if world.launcher != "python":
-        print(f"plan checked; starting {world.size} processes with {world.launcher}", flush=True)
-    os.execvpe(full[0], full, env)
+    if supervisor.received is not None:
+        print(f"launch: stopped by {signal.Signals(supervisor.received).name} before the training started; "
+              "nothing to save", flush=True)
+        sys.exit(0)
+    if world.launcher == "python":
+        os.execvpe(full[0], full, env)  # the training process replaces the launcher: every signal reaches it
+    print(f"plan checked; starting {world.size} processes with {world.launcher}", flush=True)
+    sys.exit(supervisor.run(full, env, world.launcher))
 
 
 if __name__ == "__main__":
