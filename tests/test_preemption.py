@@ -153,3 +153,13 @@ def test_stop_in_an_epochs_last_iteration_is_saved_before_the_epochs_evaluation(
     assert [(r["step"], r["loss"]) for r in records(out, "train")] == \
            [(r["step"], r["loss"]) for r in records(ref, "train")]
     assert [r["loss"] for r in records(out, "epoch")] == [r["loss"] for r in records(ref, "epoch")]
+
+
+# ---------------------------------------------------------------- the documented batch script
+def test_readme_and_slurm_docs_show_the_batch_script_the_slurm_tests_submit():
+    repo = Path(__file__).resolve().parents[1]
+    lines = (repo / "launch" / "pretrain.sbatch").read_text().splitlines()
+    body = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("#SBATCH")):])
+    assert "#SBATCH --signal=USR1@" in body and "#SBATCH --requeue" in body
+    for doc in ("README.md", "docs/SLURM.md"):
+        assert f"```bash\n{body}\n```" in (repo / doc).read_text(), f"{doc} does not show launch/pretrain.sbatch"

@@ -5,16 +5,22 @@ they used to decide in bash, with the command's own flag parser:
 
 1. the world: processes per node (`NPROC_PER_NODE`, else the GPUs that
    `nvidia-smi -L` lists, honouring CUDA_VISIBLE_DEVICES, else 1 CPU process)
-   x nodes (`NNODES`; inside a SLURM allocation `SLURM_JOB_NUM_NODES`);
-2. the launcher: `FCMAE_LAUNCHER` (python | torchrun | srun) if set; else
-   srun inside a SLURM allocation (sbatch/salloc, not already in a step),
-   torchrun for several processes, plain python for one;
+   x nodes (`NNODES`). Inside a SLURM allocation (sbatch/salloc) the
+   allocation decides: nodes `SLURM_JOB_NUM_NODES`, tasks per node
+   `SLURM_NTASKS_PER_NODE` (else `SLURM_TASKS_PER_NODE`), GPUs
+   `SLURM_GPUS_ON_NODE`; an `NPROC_PER_NODE` that disagrees is an error.
+   Run as one task of an srun step, the world is the step's;
+2. the launcher: `FCMAE_LAUNCHER` (python | torchrun | srun) if set
+   (python: one process, whatever the scheduler says); else srun inside a
+   SLURM allocation, torchrun for several processes, plain python for one;
 3. the config, resolved by MODULE's `COMMAND.resolve` with `--world_size`:
    bad input stops here with one line and exit code 2;
 4. with `--dry_run` (as MODULE reads it: `--dry_run`, `--dry_run=yes`,
    `--dry_run true` ...), the plan is printed and nothing is started;
-   otherwise the plan is printed for several processes, then the launcher
-   replaces this process.
+5. otherwise plain python replaces this process (exec), so every signal
+   reaches the training directly; torchrun and srun run as a child that
+   `Supervisor` passes the stop signals on to, and this process exits with
+   the child's code.
 
 `world_from_environment` is the one place that reads the world from the
 environment; a scheduler's variables belong there.
@@ -165,12 +171,14 @@ class Supervisor:
     Installed before anything slow, it records SIGTERM, SIGINT, SIGUSR1 and
     SIGHUP from the start. Once the child runs, each of them is passed on:
     - srun: SIGUSR1 to srun, which forwards it to every task of its step on
-      every node (srun turns a SIGTERM of its own into a SIGKILL of the step,
-      docs/SLURM.md);
+      every node. srun turns a SIGTERM of its own into a SIGKILL of the step
+      (`scancel --signal=TERM --full` sends one), so srun is started outside
+      this process's tree and session (fcmae/runtime/detach.py), where
+      SLURM's proctrack/linuxproc does not signal it (docs/SLURM.md);
     - torchrun: the signal (SIGTERM for SIGINT and SIGHUP) to each training
       process, which torchrun starts in sessions of their own. torchrun itself
       ignores these signals: on SIGTERM it would kill its workers 30 s later
-      and exit with a traceback.
+      and exit 1 with a traceback (measured).
     The training processes save a checkpoint and exit 0; the launcher waits
     for the child and exits with its code.
     """
@@ -179,7 +187,7 @@ class Supervisor:
 
     def __init__(self):
         self.received: Optional[int] = None
-        self.child: Optional[subprocess.Popen] = None
+        self.pid: Optional[int] = None  # torchrun or srun, once started
         self.launcher = ""
 
     def install(self) -> "Supervisor":
@@ -189,14 +197,14 @@ class Supervisor:
 
     def _handle(self, signum, frame):  # noqa: ARG002 (signal handler signature)
         self.received = signum
-        if self.child is not None and self.child.poll() is None:
+        if self.pid is not None:
             self._forward(signum)
 
     def _forward(self, signum: int) -> None:
         if self.launcher == "srun":
-            targets, sent = [self.child.pid], signal.SIGUSR1
+            targets, sent = [self.pid], signal.SIGUSR1
         else:
-            targets = _children(self.child.pid)
+            targets = _children(self.pid)
             sent = signum if signum in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
         for pid in targets:
             try:
@@ -207,14 +215,34 @@ class Supervisor:
     def run(self, argv: Sequence[str], env: Mapping[str, str], launcher: str) -> int:
         """Start `argv`, wait for it (passing signals on) and return its exit code (128 + N if killed by N)."""
         self.launcher = launcher
-        if launcher == "torchrun":
-            env = {**env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
-        self.child = subprocess.Popen(list(argv), env=dict(env),
-                                      preexec_fn=_ignore_stop_signals if launcher == "torchrun" else None)
+        if launcher == "srun":
+            return self._run_detached(argv, env)
+        env = {**env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
+        child = subprocess.Popen(list(argv), env=dict(env), preexec_fn=_ignore_stop_signals)
+        self._started(child.pid)
+        code = child.wait()
+        return 128 - code if code < 0 else code
+
+    def _run_detached(self, argv: Sequence[str], env: Mapping[str, str]) -> int:
+        read_end, write_end = os.pipe()
+        helper = subprocess.Popen([sys.executable, "-m", "fcmae.runtime.detach", str(write_end), *argv],
+                                  env=dict(env), pass_fds=(write_end,))
+        os.close(write_end)
+        helper.wait()
+        with os.fdopen(read_end) as reports:  # "pid N", then "exit CODE" when srun ends
+            for line in reports:
+                what, _, value = line.partition(" ")
+                if what == "pid":
+                    self._started(int(value))
+                elif what == "exit":
+                    return int(value)
+        print("launch: lost track of srun (its watcher ended without an exit code)", file=sys.stderr, flush=True)
+        return 1
+
+    def _started(self, pid: int) -> None:
+        self.pid = pid
         if self.received is not None:  # arrived while starting
             self._forward(self.received)
-        code = self.child.wait()
-        return 128 - code if code < 0 else code
 
 
 def _ignore_stop_signals() -> None:

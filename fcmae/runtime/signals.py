@@ -31,7 +31,8 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame):  # noqa: ARG002 (signal handler signature)
-        self.received = signum
+        if self.received is None:  # the first one names the stop (a launcher may pass on another one later)
+            self.received = signum
 
     @property
     def installed(self) -> bool:
