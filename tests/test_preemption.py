@@ -163,3 +163,29 @@ def test_readme_and_slurm_docs_show_the_batch_script_the_slurm_tests_submit():
     assert "#SBATCH --signal=USR1@" in body and "#SBATCH --requeue" in body
     for doc in ("README.md", "docs/SLURM.md"):
         assert f"```bash\n{body}\n```" in (repo / doc).read_text(), f"{doc} does not show launch/pretrain.sbatch"
+
+
+# ---------------------------------------------------------------- a signal while torch is imported
+def test_a_stop_signal_while_torch_is_imported_stops_the_run_cleanly(image_dir, tmp_path):
+    """`--signal=USR1@N` may come while a task still imports torch: the handler is already there (the signal is
+    kept, the run saves after its first iteration and exits 0) instead of the signal killing the process."""
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, "-m", "fcmae.main_pretrain", *tiny_args(image_dir, out, "--batch_size", "4",
+                                                                            "--effective_batch", "4")], cwd=repo,
+                            env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is being imported
+        assert proc.poll() is None and time.monotonic() < deadline, "the command ended before importing torch"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{text[-2000:]}"
+    assert "stopped by SIGUSR1" in text and "Traceback" not in text, text[-2000:]
+    assert ckpt.load_checkpoint(out / "checkpoint-last.pth")["step"] == 1
