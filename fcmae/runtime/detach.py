@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     os.setsid()
     if os.fork() > 0:
         os._exit(0)  # the launcher's child ends here; the fork below is reparented to init
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL)  # no terminal to read from in a new session
     os.write(fd, f"pid {child.pid}\n".encode())
     code = child.wait()
     os.write(fd, f"exit {128 - code if code < 0 else code}\n".encode())
