@@ -7,24 +7,30 @@ setup(
     "sparse-to-dense conversion and fine-tuning",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    # Every lower bound is the lowest version the whole test suite ran with (README, "Tested
+    # versions"). The sources alone need Python 3.8 (vermin, checked in .ci/run); timm needs 3.9.
     python_requires=">=3.9",
     packages=find_packages(include=["sparse", "sparse.*", "fcmae", "fcmae.*", "finetune", "finetune.*"]),
     include_package_data=True,
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
-        "timm>=1.0",
-        "numpy>=1.22",
-        "tensorboard>=2.10",
-        "pyyaml>=5.4",
-        "scikit-image>=0.19",  # its bundled photographs are the built-in demo data
+        "torch>=2.3.1",
+        "torchvision>=0.18.1",
+        "timm>=1.0.21",
+        "numpy>=1.26.4",
+        "tensorboard>=2.21",
+        "pyyaml>=6.0.3",
+        "scikit-image>=0.24",  # its bundled photographs are the built-in demo data
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # transformers: the version the Hugging Face export tests ran with.
+    extras_require={"hf": ["transformers>=5.24"], "test": ["pytest>=8.4", "vermin>=1.9", "transformers>=5.24"]},
     entry_points={
         "console_scripts": [
             "fcmae-pretrain=fcmae.main_pretrain:main",
             "fcmae-convert=finetune.convert:main",
             "fcmae-finetune=finetune.main_finetune:main",
+            "fcmae-knn=finetune.knn:main",
+            "fcmae-linprobe=finetune.linprobe:main",
+            "fcmae-env=fcmae.env:main",
         ]
     },
 )

@@ -3,10 +3,13 @@
 - `find_image_root(path)`: `path/train` when it exists, else `path` itself;
   clear errors for a missing path, an empty folder, a folder with no images.
 - `ImageFolderDataset`: every image file below the root (class sub-folders
-  or flat), labels unused. An unreadable or truncated file is replaced by the
-  next readable one (so batches keep their size in every process) and
-  reported in the batch, so the training loop can log it once and stop when
-  too many are bad.
+  or flat), labels unused: JPEG/PNG/... photographs, 16-bit PNG, TIFF and
+  .npy arrays with 1..N channels (fcmae/image_io.py). An unreadable or
+  truncated file, or one whose channels or bit depth differ from the data
+  set's, is replaced by the next readable one (so batches keep their size in
+  every process) and reported in the batch, so the training loop can log it
+  once and stop when too many are bad. A folder that mixes formats is
+  caught before training from up to 1,000 headers spread over it.
 - Augmentation is seeded per sample by (seed, epoch, index): the same sample
   gets the same crop whatever the number of workers and whether the run was
   resumed, which is what makes a resumed run reproduce its losses.
@@ -19,20 +22,32 @@ import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision import transforms
 
+from fcmae.data_stats import (  # noqa: F401 (channel_stats, check_mean_std: part of this module's API)
+    IMAGENET_MEAN, IMAGENET_STD, channel_stats, check_mean_std, resolve_mean_std,
+)
+from fcmae.gpu_decode import EncodedBatch, EncodedImage, resolve_decode
+from fcmae.image_io import (
+    LAYOUTS, DataError, ImageFormatError, ImageInfo, array_crop, check_compatible, check_folder, pil_crop, pil_info,
+    pil_target_mode, read_info, read_pil, read_unit, scale_to_unit, uses_pillow,
+)
+
 PathLike = Union[str, os.PathLike]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".npy")
+MAX_IN_CHANS = 1024
 
 
-class DataError(ValueError):
-    """Unusable training data; the message says what is wrong and where."""
+def check_in_chans(in_chans) -> int:
+    """in_chans as an int in 1..MAX_IN_CHANS, else DataError."""
+    if isinstance(in_chans, bool) or not isinstance(in_chans, (int, np.integer)) or not 1 <= in_chans <= MAX_IN_CHANS:
+        raise DataError(f"in_chans must be an integer from 1 to {MAX_IN_CHANS}, got {in_chans!r}")
+    return int(in_chans)
 
 
 def find_image_root(data_path: PathLike, split: str = "train") -> Path:
@@ -49,9 +64,18 @@ def find_image_root(data_path: PathLike, split: str = "train") -> Path:
 
 
 def list_images(root: PathLike) -> List[Path]:
-    """Image files below `root` (any depth, hidden entries skipped), in sorted order."""
-    files = []
+    """Image files below `root` (any depth, hidden entries skipped), in sorted order.
+
+    Links to folders are followed, but no folder is visited twice (a link loop such as `self -> .`, or two
+    links to one folder, would otherwise list its images again and again).
+    """
+    files, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -69,25 +93,91 @@ def pretrain_transform(input_size: int, scale=(0.2, 1.0), mean=IMAGENET_MEAN, st
     ])
 
 
+def sample_crop(height: int, width: int, scale: Sequence[float] = (0.2, 1.0),
+                ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0)) -> Tuple[Tuple[int, int, int, int], bool]:
+    """((top, left, h, w), flip) drawn from torch's global RNG exactly as torchvision draws them.
+
+    The same draws, in the same order, as `RandomResizedCrop.get_params` on a
+    height x width image followed by `RandomHorizontalFlip` (p = 0.5): only
+    the image's size is needed, so the box is chosen before decoding.
+    """
+    size_only = torch.zeros(()).expand(1, height, width)  # get_params reads the shape only; no memory
+    top, left, h, w = transforms.RandomResizedCrop.get_params(size_only, list(scale), list(ratio))
+    flip = bool(torch.rand(1) < 0.5)
+    return (int(top), int(left), int(h), int(w)), flip
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A distinct 63-bit seed for each (seed, epoch, index)."""
     return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2 ** 63 - 1)
 
 
 class ImageFolderDataset(Dataset):
-    """All images below `root`; item i is (augmented image tensor, tuple of bad paths met)."""
+    """All images below `root`; item i is (image tensor, tuple of (path, reason) of bad files met).
 
-    def __init__(self, root: PathLike, transform=None, seed: int = 0, max_retries: int = 20):
+    Two ways to use it:
+    - `input_size` given (the pre-training pipeline): RandomResizedCrop
+      (bicubic, `crop_scale`, ratio 3/4..4/3) + horizontal flip +
+      normalisation, for any supported file kind (fcmae/image_io.py), with
+      reduced-size JPEG decoding; the crop box and the flip are drawn
+      exactly as torchvision's RandomResizedCrop.get_params and
+      RandomHorizontalFlip draw them, on the full image's size.
+      With `decode='gpu'` JPEGs are not decoded here: the item is an
+      `EncodedImage` and `to_device` decodes the batch on the GPU
+      (fcmae/gpu_decode.py).
+    - `transform` given: `transform(self.load(i))` on 8-bit Pillow images.
+
+    The data set's format, carried for the model and the checkpoint:
+    `in_chans`, `dtype` (of the stored samples, e.g. 'uint8', 'uint16'),
+    `bit_depth`, `mean`, `std` (per channel, on the [0, 1] scale) and
+    `decode` ('cpu' or 'gpu'). mean/std: a sequence of in_chans values,
+    'auto' (computed from up to 1,000 sampled images, `channel_stats`) or
+    None (ImageNet's for 3-channel 8-bit data, else 'auto').
+    """
+
+    def __init__(self, root: PathLike, transform=None, seed: int = 0, max_retries: int = 20, *,
+                 input_size: Optional[int] = None, crop_scale: Sequence[float] = (0.2, 1.0), in_chans: int = 3,
+                 mean=None, std=None, decode: str = "cpu", layout: str = "auto", cuda: Optional[bool] = None,
+                 check_files: int = 1000, logger=print):
         self.root = Path(root)
         self.files = list_images(self.root)
         if not self.files:
             raise DataError(
                 f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, in sub-folders too)"
             )
-        self.transform = transform
+        if transform is not None and input_size is not None:
+            raise ValueError("give either transform or input_size, not both")
+        self.transform, self.input_size = transform, input_size
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), (3.0 / 4.0, 4.0 / 3.0)
         self.seed = seed
         self.epoch = 0
         self.max_retries = max_retries
+        self.in_chans, self.layout = check_in_chans(in_chans), layout
+        if layout not in LAYOUTS:
+            raise DataError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+        infos = self._check_format(check_files)
+        self.dtype = infos[0].dtype
+        self.bit_depth = infos[0].bit_depth
+        self.decode = resolve_decode(decode, infos, self.in_chans, self.dtype, cuda)
+        if transform is not None and mean is None and std is None:
+            self.mean = self.std = None  # the transform normalises
+        else:
+            self.mean, self.std = resolve_mean_std(mean, std, self, logger=logger)
+        self._decoders = {}
+        self._affine = None
+
+    # ------------------------------------------------------------ format
+    def _check_format(self, limit: int) -> List[ImageInfo]:
+        try:
+            return check_folder(self.files, self.in_chans, self.layout, limit, str(self.root))
+        except ImageFormatError as e:
+            raise DataError(str(e)) from None
+
+    def info(self, index: int) -> ImageInfo:
+        """Header of file `index`, checked against the data set's format (ImageFormatError names the file)."""
+        info = read_info(self.files[index], self.layout, self.in_chans)
+        check_compatible(info, self.in_chans, self.dtype)
+        return info
 
     def __len__(self) -> int:
         return len(self.files)
@@ -96,20 +186,103 @@ class ImageFolderDataset(Dataset):
         """Augmentations depend on the epoch; set it before creating the epoch's DataLoader iterator."""
         self.epoch = epoch
 
+    # ------------------------------------------------------------ whole images
+    def load_unit(self, index: int) -> torch.Tensor:
+        """File `index` as a float32 (in_chans, H, W) tensor in [0, 1] (integers scaled by their dtype's maximum)."""
+        return torch.from_numpy(read_unit(self.info(index), self.in_chans))
+
     def load(self, index: int) -> Image.Image:
-        with open(self.files[index], "rb") as f:
-            image = Image.open(f)
-            image.load()  # decode now, so truncated files fail here
-            return image.convert("RGB")
+        """File `index` as an 8-bit Pillow image (RGB or L), for Pillow transforms and pictures.
+
+        16-bit and float images are scaled by their range (never clipped to white); only 1- and 3-channel
+        data sets have a Pillow form.
+        """
+        return read_pil(self.info(index), self.in_chans)
+
+    def fixed_batch(self, count: int) -> Optional[torch.Tensor]:
+        """`count` images spread over the set, shorter side resized to input_size, centre-cropped, normalised.
+
+        For the reconstruction picture; unreadable files are left out (None when none is readable).
+        """
+        size = self.input_size
+        images = []
+        for i in np.linspace(0, len(self) - 1, min(count, len(self))).round().astype(int):
+            try:
+                unit = self.load_unit(int(i))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue
+            h, w = unit.shape[-2:]
+            scale = size / min(h, w)
+            th, tw = max(size, round(h * scale)), max(size, round(w * scale))
+            resized = torch.nn.functional.interpolate(unit[None], size=(th, tw), mode="bicubic", align_corners=False,
+                                                      antialias=True)[0]
+            top, left = (th - size) // 2, (tw - size) // 2
+            images.append(self.normalise(resized[:, top:top + size, left:left + size]))
+        return torch.stack(images) if images else None
+
+    # ------------------------------------------------------------ training items
+    def normalise(self, unit: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:
+        """(C, H, W) values in [0, max_value] -> (x / max_value - mean) / std per channel, as float32."""
+        if self._affine is None or self._affine[0] != max_value:
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+            self._affine = (max_value, 1.0 / (max_value * std), mean / std)
+        _, scale, shift = self._affine
+        return unit.float().mul_(scale).sub_(shift) if unit.dtype != torch.float32 else unit * scale - shift
+
+    def sample_crop(self, height: int, width: int, index: int) -> Tuple[Tuple[int, int, int, int], bool]:
+        """The crop box (top, left, h, w) and flip of sample `index` this epoch, for an image of this size."""
+        with torch.random.fork_rng(devices=[]):
+            # CPU generator only: torch.manual_seed would also queue CUDA seeding (slow, and not needed here)
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return sample_crop(height, width, self.crop_scale, self.crop_ratio)
+
+    def crop_item(self, file_index: int, index: int):
+        """The augmented sample `index` from file `file_index`: a normalised tensor or, for decode='gpu', an
+        `EncodedImage` (JPEG bytes + box) or uint8 crop that `to_device` finishes."""
+        path = self.files[file_index]
+        if uses_pillow(path):
+            with open(path, "rb") as f, Image.open(f) as image:
+                return self._crop_pillow(image, f, index)
+        info = self.info(file_index)
+        box, flip = self.sample_crop(info.height, info.width, index)
+        return self._finish(array_crop(torch.from_numpy(read_unit(info, self.in_chans)), box, self.input_size), flip)
+
+    def _crop_pillow(self, image: Image.Image, f, index: int):
+        size = self.input_size
+        info = pil_info(f.name, image)
+        check_compatible(info, self.in_chans, self.dtype)
+        box, flip = self.sample_crop(image.height, image.width, index)
+        if self.decode == "gpu" and image.format == "JPEG" and image.mode in ("RGB", "L"):
+            f.seek(0)
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            return EncodedImage(data, torch.tensor([*box, int(flip)]))
+        if info.dtype == "uint8" and pil_target_mode(self.in_chans) is not None:
+            crop = pil_crop(image, box, size, self.in_chans)
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
+            pixels = np.asarray(crop).reshape(size, size, -1)
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+            return pixels if self.decode == "gpu" else self.normalise(pixels, 255.0)
+        stored = np.asarray(image)  # as stored (RGBA: Pillow's resize would premultiply alpha)
+        stored = stored if stored.ndim == 3 else stored[..., None]
+        unit = torch.from_numpy(scale_to_unit(stored).transpose(2, 0, 1))
+        return self._finish(array_crop(unit, box, size), flip)
+
+    def _finish(self, unit: torch.Tensor, flip: bool) -> torch.Tensor:
+        if self.decode == "gpu":
+            raise ImageFormatError("decode='gpu' handles 8-bit images only")
+        return self.normalise(unit.flip(-1) if flip else unit)
 
     def __getitem__(self, index: int):
         bad = []
         for attempt in range(self.max_retries):
             i = (index + attempt) % len(self.files)
             try:
+                if self.input_size is not None:
+                    return self.crop_item(i, index), tuple(bad)
                 image = self.load(i)
                 break
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            except (OSError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
                 bad.append((str(self.files[i]), f"{type(e).__name__}: {e}"))
         else:
             raise DataError(f"{self.max_retries} unreadable images in a row from {self.files[index]}; "
@@ -117,14 +290,31 @@ class ImageFolderDataset(Dataset):
         if self.transform is not None:
             # Seed the augmentation by (seed, epoch, index) without touching the caller's RNG.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
                 image = self.transform(image)
         return image, tuple(bad)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_decoders"] = {}  # CUDA tensors never travel to loader workers
+        return state
+
+    def to_device(self, images, device) -> torch.Tensor:
+        """A collated batch of images as a normalised float tensor on `device` (GPU-decoding it when encoded)."""
+        if torch.is_tensor(images):
+            return images.to(device, non_blocking=True)
+        from fcmae.gpu_decode import GpuJpegDecoder
+
+        key = str(device)
+        if key not in self._decoders:
+            self._decoders[key] = GpuJpegDecoder(self.input_size, self.mean, self.std, device)
+        return self._decoders[key](images)
+
 
 def collate_images(batch: Sequence[Tuple[torch.Tensor, tuple]]):
-    """Stack the images; concatenate the (path, reason) of bad files met while loading."""
-    images = torch.stack([item[0] for item in batch])
+    """Stack the images (or gather encoded ones); concatenate the (path, reason) of bad files met while loading."""
+    items = [item[0] for item in batch]
+    images = torch.stack(items) if all(torch.is_tensor(x) for x in items) else EncodedBatch.collate(items)
     bad = [b for item in batch for b in item[1]]
     return images, bad
 

@@ -8,6 +8,11 @@ are written once as an image folder in a cache directory:
     <cache>/<name>/train/<photo>/<photo>_000.jpg ...
     <cache>/<name>/val/<photo>/<photo>_000.jpg ...     (when val_per_photo > 0)
 
+`fmt` picks the file kind: 'jpg' (RGB, the default), 'png16' (1-channel
+16-bit PNG: the grey photograph times 257, so the full 16-bit range is
+used) or 'npy4' (4-channel uint16 (C, H, W) .npy: R, G, B and grey, times
+257) -- small stand-ins for microscopy or satellite data in tests.
+
 One sub-folder per source photograph, so the same folder serves as an
 unlabelled set for pre-training and as a labelled set (one class per
 photograph) for fine-tuning. Train and val crops are drawn independently
@@ -38,6 +43,7 @@ DEMO_PHOTOS = (
     "moon.png", "motorcycle_left.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
 )
 _FORMAT_VERSION = 1
+DEMO_FORMATS = ("jpg", "png16", "npy4")
 _DONE_MARKER = ".complete"
 
 
@@ -81,6 +87,17 @@ def _random_crops(image: Image.Image, count: int, crop_size: int, short_side: in
         yield image.crop((x, y, x + crop_size, y + crop_size))
 
 
+def _save(crop: Image.Image, stem: Path, fmt: str) -> None:
+    if fmt == "jpg":
+        crop.save(stem.with_suffix(".jpg"), quality=95)
+    elif fmt == "png16":
+        Image.fromarray(np.asarray(crop.convert("L")).astype(np.uint16) * 257).save(stem.with_suffix(".png"))
+    else:
+        rgb = np.asarray(crop).transpose(2, 0, 1)
+        channels = np.concatenate([rgb, np.asarray(crop.convert("L"))[None]]).astype(np.uint16) * 257
+        np.save(stem.with_suffix(".npy"), channels)
+
+
 def build_demo_folder(
     cache_dir: Optional[PathLike] = None,
     crop_size: int = 128,
@@ -88,12 +105,16 @@ def build_demo_folder(
     val_per_photo: int = 0,
     short_side: int = 256,
     seed: int = 0,
+    fmt: str = "jpg",
 ) -> Path:
     """Build (once) and return the root of a demo image folder (see the module docstring)."""
     if crop_size > short_side:
         raise ValueError(f"crop_size ({crop_size}) must not exceed short_side ({short_side})")
+    if fmt not in DEMO_FORMATS:
+        raise ValueError(f"unknown demo format {fmt!r}; choose one of: {', '.join(DEMO_FORMATS)}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     name = f"skimage-photos-v{_FORMAT_VERSION}-c{crop_size}-s{short_side}-t{train_per_photo}-v{val_per_photo}-seed{seed}"
+    name += "" if fmt == "jpg" else f"-{fmt}"
     root = cache_dir / name
     if (root / _DONE_MARKER).is_file():
         return root
@@ -108,7 +129,7 @@ def build_demo_folder(
                 out = tmp / split / photo_name
                 out.mkdir(parents=True)
                 for i, crop in enumerate(_random_crops(image, count, crop_size, short_side, rng)):
-                    crop.save(out / f"{photo_name}_{i:03d}.jpg", quality=95)
+                    _save(crop, out / f"{photo_name}_{i:03d}", fmt)
         (tmp / _DONE_MARKER).write_text("complete\n")
         try:
             os.rename(tmp, root)
@@ -121,14 +142,16 @@ def build_demo_folder(
     return root
 
 
-def demo_pretrain_folder(cache_dir: Optional[PathLike] = None, crop_size: int = 128, per_photo: int = 32) -> Path:
+def demo_pretrain_folder(cache_dir: Optional[PathLike] = None, crop_size: int = 128, per_photo: int = 32,
+                         fmt: str = "jpg") -> Path:
     """Unlabelled demo set for pre-training: the returned root has train/."""
-    return build_demo_folder(cache_dir, crop_size=crop_size, train_per_photo=per_photo)
+    return build_demo_folder(cache_dir, crop_size=crop_size, train_per_photo=per_photo, fmt=fmt)
 
 
 def demo_classification_folder(
-    cache_dir: Optional[PathLike] = None, crop_size: int = 128, train_per_photo: int = 32, val_per_photo: int = 8
+    cache_dir: Optional[PathLike] = None, crop_size: int = 128, train_per_photo: int = 32, val_per_photo: int = 8,
+    fmt: str = "jpg",
 ) -> Path:
     """Labelled demo set for fine-tuning: train/ and val/, one class per photograph."""
     return build_demo_folder(cache_dir, crop_size=crop_size, train_per_photo=train_per_photo,
-                             val_per_photo=val_per_photo)
+                             val_per_photo=val_per_photo, fmt=fmt)

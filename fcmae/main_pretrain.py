@@ -39,22 +39,29 @@ from fcmae.data import (
     IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, ImageFolderDataset, collate_images, find_image_root,
     pretrain_transform,
 )
+from fcmae.knn import KnnMonitor
 from fcmae.masking import PATCH_SIZE, num_kept
 from fcmae.model import build_fcmae
 from fcmae.optim import build_optimizer
 from fcmae.pretrain_config import PretrainConfig, resolve_config as _resolve
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import distributed
+from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan, make_plan, plan_lines
-from fcmae.runtime.trainer import LoopSettings, Trainer, autocast_context, grad_scaler, seed_everything, train_loader
+from fcmae.runtime.trainer import (
+    LoopSettings, Trainer, autocast_context, grad_scaler, precision_note, seed_everything, train_loader,
+)
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss")
 # Settings whose change between a checkpoint and the run that resumes it goes unmentioned.
 UNREMARKABLE = ("resume", "dry_run", "world_size", "exit_after_steps", "output_dir", "log_dir")
+# Settings whose change on resume is taken as given (all others stop; see fcmae/runtime/resume_check.py):
+# those of both commands, and the picture, the backend (the same computation), bad-image tolerance and the
+# initialisation (used only at the start).
+HARMLESS = resume_check.HARMLESS + ("vis_images", "backend", "max_bad_fraction", "init_std")
 
 
 def resolve_config(argv=None) -> PretrainConfig:
@@ -143,7 +150,8 @@ def run(cfg: PretrainConfig) -> int:
     try:
         if info.device.type == "cpu" and cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
-        return _train(cfg, info)
+        with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
+            return _train(cfg, info)
     finally:
         torch.set_num_threads(threads)  # matters when called in-process (tests, notebooks)
         distributed.cleanup()
@@ -171,12 +179,16 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     resume_from = ckpt.find_resume(cfg.resume, out)
     saved = read_checkpoint(resume_from) if resume_from is not None else None
     if saved is not None:
-        changed = check_resumable(saved, cfg, resume_from)
-        if changed:
-            log(f"note: resuming with changed settings: {'; '.join(changed)}")
+        check_resumable(saved, cfg, resume_from)
+        old_plan = resume_check.check_resume(saved, cfg.to_dict(), plan, resume_from, HARMLESS,
+                                             cfg.allow_config_change)
     if main:
         print(format_plan(cfg, plan, str(root)), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict()}, out / "config.yaml")
+
+    knn_monitor = KnnMonitor.from_config(cfg, info)  # its folder is checked before any compute
+    if knn_monitor is not None:
+        log(knn_monitor.describe())
 
     # Seeds: the mask and drop path differ per process; augmentation depends on (seed, epoch, index).
     seed_everything(cfg.seed + info.rank)
@@ -194,23 +206,28 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         loss, _, _ = model(imgs.to(device, non_blocking=True))
         return loss
 
-    trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir, cfg.to_dict(),
-                      scaler=grad_scaler(device, cfg.amp))
+    trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
+                      {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp))
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
+        resume_check.align_state(trainer.state, old_plan, plan)
         del saved
     state = trainer.state
     if state.epoch >= cfg.epochs:
         log(f"nothing to do: {state.epoch} of {cfg.epochs} epochs already done in {out}")
         return 0
     fixed_imgs = vis_batch(dataset, cfg) if main else None
+    if precision_note(device, cfg.amp):
+        log(precision_note(device, cfg.amp))
 
     def end_epoch(epoch_loss: float) -> None:
         summary = {"epoch": state.epoch + 1, "loss": epoch_loss, "step": state.step}
         state.history.append(summary)
         trainer.jsonl.write({"type": "epoch", **summary})
         trainer.tb.scalars({"epoch_loss": epoch_loss}, state.step, prefix="train/")
-        log(f"epoch {state.epoch + 1}/{cfg.epochs} done: mean loss {epoch_loss:.4f}")
+        knn_text = "" if knn_monitor is None else knn_monitor.end_epoch(
+            model, state.epoch + 1, cfg.epochs, state.step, trainer.jsonl, trainer.tb)
+        log(f"epoch {state.epoch + 1}/{cfg.epochs} done: mean loss {epoch_loss:.4f}{knn_text}")
         if fixed_imgs is not None:
             _save_reconstruction(model, fixed_imgs, cfg, device, state.step, trainer.tb, out)
 

@@ -5,6 +5,8 @@ raster order: 1 = masked (hidden from the encoder), 0 = visible. Every image
 keeps the same number of patches, int(L * (1 - mask_ratio)).
 """
 
+from typing import Optional
+
 import torch
 
 PATCH_SIZE = 32
@@ -29,13 +31,39 @@ def check_mask_ratio(mask_ratio: float, num_patches: int) -> int:
     return keep
 
 
-def random_mask(batch_size: int, num_patches: int, mask_ratio: float, device=None, generator=None) -> torch.Tensor:
+def random_mask(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: Optional[float] = None,
+    device=None,
+    generator: Optional[torch.Generator] = None,
+    num_masked: Optional[int] = None,
+) -> torch.Tensor:
     """(N, L) float mask, 1 = masked, with the same number of kept patches per image.
 
-    Each image keeps the patches with the smallest of L uniform noise values,
-    drawn from torch's RNG (or `generator`), so a seed reproduces the mask.
+    The one mask sampler of the project (model, benchmarks, tests). Each image
+    keeps the patches with the smallest of L uniform noise values, drawn from
+    torch's RNG (or `generator`), so a seed reproduces the mask. Only shapes
+    and Python numbers decide the kept count: no host sync, and it traces into
+    one torch.compile graph.
+
+    Args:
+        batch_size: N, the number of images.
+        num_patches: L, patches per image.
+        mask_ratio: the masked fraction; keeps int(L * (1 - mask_ratio)) patches.
+        device: where the mask is made (a `generator` must live there too).
+        generator: optional RNG for reproducible masks.
+        num_masked: instead of `mask_ratio`, exactly this many masked patches
+            per image (0 <= num_masked < L).
     """
-    keep = check_mask_ratio(mask_ratio, num_patches)
+    if (mask_ratio is None) == (num_masked is None):
+        raise ValueError("give exactly one of mask_ratio and num_masked")
+    if mask_ratio is not None:
+        keep = check_mask_ratio(mask_ratio, num_patches)
+    elif not 0 <= int(num_masked) < num_patches:
+        raise ValueError(f"num_masked must be in [0, {num_patches}), got {num_masked}")
+    else:
+        keep = num_patches - int(num_masked)
     noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
     ids_keep = torch.argsort(noise, dim=1)[:, :keep]
     mask = torch.ones(batch_size, num_patches, device=device)

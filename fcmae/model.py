@@ -21,7 +21,8 @@ from timm.layers import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 
 import sparse
-from fcmae.masking import PATCH_SIZE, check_mask_ratio, patchify, random_mask, unpatchify
+from fcmae.masking import PATCH_SIZE, check_mask_ratio, num_kept, patchify, random_mask, unpatchify
+from sparse.encoder import is_compiling
 
 
 def _patch_mean_std(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +58,8 @@ class FCMAE(nn.Module):
         if decoder_depth < 1 or decoder_dim < 1:
             raise ValueError(f"decoder_dim and decoder_depth must be positive, got {decoder_dim}, {decoder_depth}")
         check_mask_ratio(mask_ratio, (img_size // patch_size) ** 2)
+        if getattr(encoder, "in_chans", in_chans) != in_chans:
+            raise ValueError(f"the encoder takes {encoder.in_chans} input channels but in_chans is {in_chans}")
         self.img_size, self.patch_size, self.mask_ratio = img_size, patch_size, float(mask_ratio)
         self.norm_pix_loss, self.in_chans = bool(norm_pix_loss), in_chans
         self.decoder_dim, self.decoder_depth = decoder_dim, decoder_depth
@@ -126,13 +129,30 @@ class FCMAE(nn.Module):
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum()
 
+    def num_kept(self, imgs: torch.Tensor) -> int:
+        """Visible patches per image of the masks this model draws (from shapes and the ratio)."""
+        gh, gw = self.grid_size(imgs)
+        return num_kept(gh * gw, self.mask_ratio)
+
     def forward(self, imgs: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        """Returns (loss, pred (N, L, p*p*3), mask (N, L), 1 = masked)."""
+        """Returns (loss, pred (N, L, p*p*3), mask (N, L), 1 = masked).
+
+        With mask=None (training) the mask is drawn here and is correct by
+        construction: nothing reads a tensor value, so the step has no host
+        sync and compiles to one graph. A mask passed in is checked in eager
+        mode (clear errors, one sync); under torch.compile it must keep
+        `self.num_kept(imgs)` patches per image, as `random_mask` does.
+        """
         if mask is None:
             mask = self.random_mask(imgs)
-        elif mask.numel() and float(mask.sum()) == 0:
-            raise ValueError("the mask hides no patch, so there is nothing to reconstruct (the loss is undefined)")
-        features = self.encoder(imgs, mask)
+            kept = self.num_kept(imgs)
+        elif is_compiling():
+            kept = self.num_kept(imgs)
+        else:
+            if torch.is_tensor(mask) and mask.numel() and float(mask.sum()) == 0:
+                raise ValueError("the mask hides no patch, so there is nothing to reconstruct (the loss is undefined)")
+            kept = None  # the encoder checks the mask and reads the count
+        features = self.encoder(imgs, mask, num_kept=kept)
         pred = self.forward_decoder(features, mask)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
@@ -161,12 +181,15 @@ def build_fcmae(
     norm_pix_loss: bool = True,
     backend: str = "torch",
     init_std: float = 0.02,
+    in_chans: int = 3,
     **encoder_overrides,
 ) -> FCMAE:
     """FCMAE around the sparse encoder of `size` (e.g. 'atto' or 'convnextv2_atto').
 
-    `encoder_overrides` go to `sparse.build_encoder` (depths, dims, drop_path_rate).
+    `in_chans`: image channels; the encoder's stem and the prediction layer (p*p*in_chans per patch)
+    follow it. `encoder_overrides` go to `sparse.build_encoder` (depths, dims, drop_path_rate).
     """
-    encoder = sparse.build_encoder(size, backend=backend, **encoder_overrides)
+    encoder = sparse.build_encoder(size, backend=backend, in_chans=in_chans, **encoder_overrides)
     return FCMAE(encoder, img_size=img_size, patch_size=patch_size, mask_ratio=mask_ratio,
-                 decoder_dim=decoder_dim, decoder_depth=decoder_depth, norm_pix_loss=norm_pix_loss, init_std=init_std)
+                 decoder_dim=decoder_dim, decoder_depth=decoder_depth, norm_pix_loss=norm_pix_loss,
+                 init_std=init_std, in_chans=in_chans)

@@ -15,14 +15,14 @@ from typing import Optional, Sequence, Tuple
 from fcmae.masking import PATCH_SIZE, check_mask_ratio
 from fcmae.runtime.command import Flags, UsageError, check_size, layered_settings, read_command_line
 from fcmae.runtime.config import ConfigError, choices, config_root
-from fcmae.runtime.settings import TrainConfig, build_config, setting
+from fcmae.runtime.settings import TrainConfig, build_config, parse_optional_path, setting
 from sparse import BACKENDS
 
 # The reference release's flag names (and a few spellings) -> config keys; its flags without meaning here.
 FLAGS = Flags(
     aliases={"model": "size", "accum_iter": "update_freq", "decoder_embed_dim": "decoder_dim",
              "save_ckpt_freq": "save_every"},
-    boolean=("dry_run", "norm_pix_loss", "demo_data"),
+    boolean=("dry_run", "norm_pix_loss", "demo_data", "allow_config_change"),
     ignored=("pin_mem", "no_pin_mem", "dist_on_itp", "auto_resume"),
     ignored_with_value=("dist_url", "local_rank", "start_epoch"),
 )
@@ -45,6 +45,11 @@ class PretrainConfig(TrainConfig):
     max_bad_fraction: float = setting(0.0, 1.0, high_open=True)
     cpu_threads: Optional[int] = setting(1)
     vis_images: int = setting(0)
+    # kNN monitor (fcmae/knn.py)
+    knn_data_path: Optional[str] = setting(parse=parse_optional_path)  # None = off; 'demo' = the demo set
+    knn_every: int = setting(1)
+    knn_k: int = setting(1)
+    knn_temperature: float = setting(0.0, low_open=True)
     init_std: float = setting(0.0, low_open=True)
     decay_grn_and_mask_token: bool
 

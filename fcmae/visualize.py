@@ -3,6 +3,8 @@
 One row per image. The reconstruction is shown in image space: with
 norm_pix_loss the predictions are per-patch normalised, so each patch's mean
 and standard deviation (taken from the original) are put back first.
+Images of 1 channel are shown grey; of 2 channels, the first one grey; of
+more than 3 channels, their first three as red, green and blue.
 """
 
 from pathlib import Path
@@ -18,10 +20,12 @@ from fcmae.runtime.files import write_atomic
 
 
 def _to_uint8(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(N, 3, H, W) normalised -> (N, H, W, 3) uint8."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    """(N, C, H, W) normalised -> (N, H, W, 3) uint8: grey for C < 3, the first three channels for C >= 3."""
+    c = imgs.shape[1]
+    m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
     x = (imgs.float().cpu() * s + m).clamp(0, 1)
+    x = x[:, :3] if c >= 3 else x[:, :1].expand(-1, 3, -1, -1)
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
@@ -29,6 +33,9 @@ def _to_uint8(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
 def reconstruction_grid(model, imgs: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD, gap: int = 2) -> np.ndarray:
     """An (H', W', 3) uint8 picture: one row per image, four columns (see module docstring)."""
+    c = imgs.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean and std need {c} values (one per channel), got {len(mean)} and {len(std)}")
     recon = model.reconstruct(imgs, pred).cpu()
     imgs = imgs.float().cpu()
     pix_mask = upsample_mask(mask.float().cpu(), model.grid_size(imgs), model.patch_size)  # 1 = masked
@@ -46,7 +53,7 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask: torch.Tensor, pred: tor
 
 def _gray(mean, std) -> torch.Tensor:
     """The normalised value of mid-gray, to paint masked patches."""
-    return ((0.5 - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1).float()
+    return ((0.5 - torch.tensor(mean)) / torch.tensor(std)).view(1, -1, 1, 1).float()
 
 
 def save_png(image: np.ndarray, path) -> Path:

@@ -21,7 +21,7 @@ from finetune.optim import LAYER_DECAY_TYPES
 # distributed and exact; pinning is automatic; ImageNet is just an image folder).
 FLAGS = Flags(
     aliases={"model": "size", "nb_classes": "num_classes", "accum_iter": "update_freq", "save_ckpt_freq": "save_every"},
-    boolean=("dry_run", "demo", "eval", "model_ema", "model_ema_eval", "use_amp"),
+    boolean=("dry_run", "demo", "eval", "model_ema", "model_ema_eval", "use_amp", "allow_config_change"),
     ignored=("pin_mem", "no_pin_mem", "dist_eval", "dist_on_itp", "auto_resume", "disable_eval",
              "model_ema_force_cpu"),
     ignored_with_value=("data_set", "dist_url", "local_rank", "start_epoch"),
@@ -65,6 +65,7 @@ class FinetuneConfig(TrainConfig):
     layer_decay: float = setting(1e-6, 1.0)
     layer_decay_type: str = setting(choices=LAYER_DECAY_TYPES)
     eval: bool
+    cpu_threads: Optional[int] = setting(1)
 
     def validate(self) -> None:
         super().validate()

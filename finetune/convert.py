@@ -1,6 +1,6 @@
 """Sparse (FCMAE) checkpoints -> dense ConvNeXt V2 weights.
 
-    fcmae-convert IN OUT [--format timm|reference] [--size SIZE] [--verify | --no-verify]
+    fcmae-convert IN OUT [--format timm|reference|hf] [--size SIZE] [--verify | --no-verify]
     python -m finetune.convert IN OUT ...
     launch/convert.sh IN OUT ...
 
@@ -24,8 +24,13 @@ Output: a timm `convnextv2_<size>` state dict (default), loadable with
 
 (only the head, `head.norm` and `head.fc`, is new), or with --format reference
 the reference release's dense layout, {'model': state_dict}, as its
-fine-tuning code reads it. The FCMAE decoder (proj, mask_token, decoder, pred)
-is dropped and reported: fine-tuning does not use it.
+fine-tuning code reads it, or with --format hf a folder (config.json,
+model.safetensors) for `transformers.ConvNextV2Model.from_pretrained`
+(finetune/hf.py). An OUT ending in .safetensors is written in that format.
+Inputs are read by finetune/weights.py: safetensors, or
+torch.load(weights_only=True), so a file that would run code is refused.
+The FCMAE decoder (proj, mask_token, decoder, pred) is dropped and
+reported: fine-tuning does not use it.
 
 All name and layout knowledge lives in this module; everything goes through
 the timm naming, which is also the sparse encoder's (sparse/encoder.py).
@@ -52,7 +57,7 @@ __all__ = [
 StateDict = Dict[str, torch.Tensor]
 
 FORMATS = ("fcmae", "encoder", "reference-fcmae", "reference")
-OUTPUT_FORMATS = ("timm", "reference")
+OUTPUT_FORMATS = ("timm", "reference", "hf")
 DECODER_PREFIXES = ("proj.", "mask_token", "decoder.", "pred.")
 DECODER_REASON = "the FCMAE decoder (proj, mask_token, decoder, pred) is used only in pre-training"
 # --verify runs by default below this many encoder parameters (atto .. base: < 90M).
@@ -157,10 +162,10 @@ def infer_arch(state_dict: StateDict) -> Tuple[Tuple[int, ...], Tuple[int, ...]]
     return tuple(depths), tuple(dims)
 
 
-def expected_shapes(depths: Sequence[int], dims: Sequence[int], conv_mlp: bool, head_classes: int = 0
-                    ) -> Dict[str, Tuple[int, ...]]:
+def expected_shapes(depths: Sequence[int], dims: Sequence[int], conv_mlp: bool, head_classes: int = 0,
+                    in_chans: int = 3) -> Dict[str, Tuple[int, ...]]:
     """Names and shapes of timm's ConvNeXt V2 encoder (plus the head when head_classes > 0)."""
-    shapes = {"stem.0.weight": (dims[0], 3, 4, 4), "stem.0.bias": (dims[0],),
+    shapes = {"stem.0.weight": (dims[0], in_chans, 4, 4), "stem.0.bias": (dims[0],),
               "stem.1.weight": (dims[0],), "stem.1.bias": (dims[0],)}
     fc = (lambda o, i: (o, i, 1, 1)) if conv_mlp else (lambda o, i: (o, i))
     for i, (depth, dim) in enumerate(zip(depths, dims)):
@@ -320,6 +325,7 @@ class Conversion:
     conv_mlp: bool
     dropped: Dict[str, str] = field(default_factory=dict)  # key -> why it was left out
     container: str = "bare state dict"
+    in_chans: int = 3  # input channels of the stem: timm.create_model(..., in_chans=in_chans) loads it
 
     @property
     def size(self) -> Optional[str]:
@@ -385,8 +391,10 @@ def convert(obj, conv_mlp: Optional[bool] = None, size: Optional[str] = None) ->
             value = value.reshape(*value.shape[:2], 1, 1) if conv_mlp else value.reshape(value.shape[0], -1)
         out[key] = value
     head_classes = int(out["head.fc.weight"].shape[0]) if "head.fc.weight" in out else 0
-    _check_complete(out, expected_shapes(depths, dims, conv_mlp, head_classes), source)
-    return Conversion(out, source, depths, dims, conv_mlp, dropped, container)
+    stem = out.get("stem.0.weight")
+    in_chans = int(stem.shape[1]) if stem is not None and stem.dim() == 4 else 3
+    _check_complete(out, expected_shapes(depths, dims, conv_mlp, head_classes, in_chans), source)
+    return Conversion(out, source, depths, dims, conv_mlp, dropped, container, in_chans=in_chans)
 
 
 def _check_complete(weights: StateDict, expected: Dict[str, Tuple[int, ...]], source: str) -> None:
@@ -434,10 +442,11 @@ def verify(conversion: Conversion, image_size: int = 64, seed: int = 0) -> float
     import sparse
 
     gen = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(1, 3, image_size, image_size, generator=gen)
-    encoder = sparse.build_encoder(conversion.size or "atto", depths=conversion.depths, dims=conversion.dims).eval()
+    imgs = torch.randn(1, conversion.in_chans, image_size, image_size, generator=gen)
+    encoder = sparse.build_encoder(conversion.size or "atto", depths=conversion.depths, dims=conversion.dims,
+                                   in_chans=conversion.in_chans).eval()
     encoder.load_state_dict(to_encoder(conversion.state_dict), strict=True)
-    dense = build_dense(conversion.depths, conversion.dims, conversion.conv_mlp).eval()
+    dense = build_dense(conversion.depths, conversion.dims, conversion.conv_mlp, in_chans=conversion.in_chans).eval()
     missing, unexpected = dense.load_state_dict(conversion.state_dict, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise ConversionError(f"the dense model did not take the weights: missing {missing}, unexpected {unexpected}")
@@ -453,11 +462,11 @@ def verify(conversion: Conversion, image_size: int = 64, seed: int = 0) -> float
 # ---------------------------------------------------------------- files
 def load_weights(path, size: Optional[str] = None) -> Conversion:
     """Read a checkpoint file and convert it; clear errors for missing, truncated or foreign files."""
-    from fcmae.runtime.checkpoint import CheckpointError, load_checkpoint
+    from finetune.weights import WeightsError, read_weights
 
     try:
-        obj = load_checkpoint(path)
-    except CheckpointError as e:
+        obj = read_weights(path)  # safetensors or torch.load(weights_only=True): never runs code from the file
+    except WeightsError as e:
         raise ConversionError(str(e)) from None
     try:
         return convert(obj, size=size)
@@ -466,12 +475,33 @@ def load_weights(path, size: Optional[str] = None) -> Conversion:
 
 
 def output_object(conversion: Conversion, fmt: str):
-    """What gets written for `--format fmt`."""
+    """What gets written for `--format fmt` (timm or reference; hf is a folder, see finetune/hf.py)."""
     if fmt == "timm":
         return conversion.state_dict
     if fmt == "reference":
         return {"model": to_reference(conversion.state_dict)}
     raise ConversionError(f"unknown output format {fmt!r}; choose one of: {', '.join(OUTPUT_FORMATS)}")
+
+
+def write_output(conversion: Conversion, fmt: str, output) -> str:
+    """Write the converted weights; returns how they were written. A .safetensors OUT is written as such."""
+    from finetune.weights import SAFETENSORS_SUFFIX, write_weights
+
+    if fmt == "hf":
+        from finetune.hf import save_hf
+
+        save_hf(conversion, output)
+        return "Hugging Face ConvNextV2Model folder: config.json, model.safetensors"
+    if str(output).endswith(SAFETENSORS_SUFFIX):
+        if fmt != "timm":
+            raise ConversionError(f"--format {fmt} writes a {{'model': ...}} checkpoint, which safetensors cannot "
+                                  "hold; use a .pth output, or --format timm")
+        write_weights(conversion.state_dict, output, metadata={"format": "pt"})
+        return "timm layout, safetensors"
+    from fcmae.runtime.checkpoint import save_atomic
+
+    save_atomic(output_object(conversion, fmt), output)
+    return f"{fmt} layout"
 
 
 def parse_args(argv=None):
@@ -480,10 +510,12 @@ def parse_args(argv=None):
         description="Convert an FCMAE / sparse ConvNeXt V2 checkpoint into dense ConvNeXt V2 weights.",
         epilog="Input formats (detected): " + ", ".join(FORMATS) + ". See finetune/convert.py.")
     p.add_argument("input", help="checkpoint or state dict (.pth / .pt)")
-    p.add_argument("output", help="file to write (atomically)")
+    p.add_argument("output", help="file to write (atomically); a name ending in .safetensors is written in "
+                                  "that format; with --format hf, a folder")
     p.add_argument("--format", default="timm", choices=OUTPUT_FORMATS,
                    help="timm: a timm convnextv2_<size> state dict (default); reference: the reference "
-                        "release's dense layout, {'model': state_dict}")
+                        "release's dense layout, {'model': state_dict}; hf: a folder that "
+                        "transformers.ConvNextV2Model.from_pretrained loads")
     p.add_argument("--size", default=None, help="expected size (atto ... huge); an error if the weights differ")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--verify", dest="verify", action="store_true", default=None,
@@ -494,10 +526,17 @@ def parse_args(argv=None):
 
 
 def run(args) -> int:
-    from fcmae.runtime.checkpoint import save_atomic
+    from fcmae.runtime.files import remove_stale_temporaries
 
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ConversionError("the output would overwrite the input; choose another output path")
+    if args.size is not None:
+        try:
+            check_size(args.size)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+    # Temporaries of earlier conversions to the same file that were killed mid-write (this host's dead processes).
+    remove_stale_temporaries(Path(args.output).parent, name=Path(args.output).name, all_hosts=False)
     conversion = load_weights(args.input, size=args.size)
     print(f"input    {args.input}: {conversion.source_format} weights, {conversion.container}")
     print(f"model    {describe_arch(conversion.depths, conversion.dims)}, "
@@ -510,19 +549,26 @@ def run(args) -> int:
         print(f"verify   sparse encoder vs dense model, random 64x64 image, no mask: max |diff| = {diff:.3g}")
     else:
         print("verify   skipped" + ("" if args.verify is False else " (large model; --verify forces it)"))
-    save_atomic(output_object(conversion, args.format), args.output)
+    how = write_output(conversion, args.format, args.output)
     name = f"convnextv2_{conversion.size}" if conversion.size else "ConvNeXt(...)"
-    print(f"wrote    {args.output} ({args.format} layout; load it into {name}: only the head is new)")
+    hint = "" if args.format == "hf" else f"; load it into {name}: only the head is new"
+    print(f"wrote    {args.output} ({how}{hint})")
     return 0
 
 
 def main(argv=None) -> None:
+    """Exit codes: 0 written, 2 bad input (usage, a checkpoint that cannot be converted), 4 disk full."""
+    from fcmae.runtime.files import DiskFullError
+
     args = parse_args(argv)
     try:
         sys.exit(run(args))
     except ConversionError as e:
         print(f"fcmae-convert: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except DiskFullError as e:
+        print(f"fcmae-convert: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(4)
 
 
 if __name__ == "__main__":

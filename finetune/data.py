@@ -8,6 +8,16 @@ flip, RandAugment, random erasing; Mixup/CutMix with soft targets and label
 smoothing act on batches (`make_mixup`). As in pre-training, the
 augmentation of a sample is seeded by (seed, epoch, index), so a resumed run
 sees the same images.
+
+Domain images (fcmae/image_io.py: 16-bit PNG, TIFF, .npy, 1..N channels):
+`LabelledFolder(..., in_chans=N)` checks the folder's format as pre-training
+does. 8-bit RGB data (photographs) goes through Pillow and timm's
+transforms (`uses_pil`); anything else is a float (C, H, W) tensor in
+[0, 1], and `train_transform`/`eval_transform` with `pil=False` give the
+tensor pipeline: RandomResizedCrop (bicubic, antialiased) + flip +
+normalisation + timm's random erasing for training, resize + centre crop
+for evaluation (no RandAugment or colour jitter, which are defined for
+8-bit RGB). Mixup/CutMix act on batches and work for both.
 """
 
 import os
@@ -18,9 +28,9 @@ from typing import List, Tuple, Union
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
-from torchvision.datasets.folder import default_loader
 
-from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, DataError, list_images, sample_seed
+from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_in_chans, list_images, sample_crop, sample_seed
+from fcmae.image_io import ImageFormatError, array_crop, check_compatible, check_folder, read_info, read_pil, read_unit
 
 PathLike = Union[str, os.PathLike]
 
@@ -55,15 +65,40 @@ def check_splits(root: PathLike) -> List[str]:
 
 
 class LabelledFolder(Dataset):
-    """(image tensor, class index) for every image of root/<class>/, classes in sorted order."""
+    """(image tensor, class index) for every image of root/<class>/, classes in sorted order.
 
-    def __init__(self, root: PathLike, classes: List[str], transform=None, seed: int = 0):
+    Carries the data's format: `in_chans`, `dtype`, `bit_depth`, and `uses_pil` (True: 8-bit RGB data,
+    given to `transform` as a Pillow image; False: a float (C, H, W) tensor in [0, 1]).
+    """
+
+    def __init__(self, root: PathLike, classes: List[str], transform=None, seed: int = 0, *, in_chans: int = 3,
+                 layout: str = "auto", check_files: int = 1000):
         self.root = Path(root)
         self.classes = list(classes)
         self.samples: List[Tuple[Path, int]] = [(path, label) for label, name in enumerate(self.classes)
                                                 for path in list_images(self.root / name)]
         self.transform = transform
         self.seed, self.epoch = seed, 0
+        self.in_chans, self.layout = check_in_chans(in_chans), layout
+        if self.samples:
+            try:
+                infos = check_folder([p for p, _ in self.samples], self.in_chans, layout, check_files, str(self.root))
+            except ImageFormatError as e:
+                raise DataError(str(e)) from None
+            self.dtype = infos[0].dtype
+        else:
+            self.dtype = "uint8"
+        self.bit_depth = 8 * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
+        self.uses_pil = self.dtype == "uint8" and self.in_chans == 3
+
+    def info(self, index: int):
+        info = read_info(self.samples[index][0], self.layout, self.in_chans)
+        check_compatible(info, self.in_chans, self.dtype)
+        return info
+
+    def load_unit(self, index: int) -> torch.Tensor:
+        """Image `index` as a float32 (in_chans, H, W) tensor in [0, 1] (for channel statistics)."""
+        return torch.from_numpy(read_unit(self.info(index), self.in_chans))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -72,8 +107,8 @@ class LabelledFolder(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        image = default_loader(str(path))
+        label = self.samples[index][1]
+        image = read_pil(self.info(index), self.in_chans) if self.uses_pil else self.load_unit(index)
         if self.transform is not None:
             # timm's augmentations draw from both torch's and python's RNG: seed both per sample.
             state = random.getstate()
@@ -124,22 +159,68 @@ def _patch_timm_posterize() -> None:
 _timm_posterize = None
 
 
-def train_transform(cfg):
+def train_transform(cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD, pil: bool = True):
+    """timm's training transform (pil) or the tensor one for domain images (see the module docstring)."""
+    if not pil:
+        return TensorTrainTransform(cfg["input_size"], mean, std, reprob=cfg["reprob"], remode=cfg["remode"],
+                                    recount=cfg["recount"])
     from timm.data import create_transform
 
     _patch_timm_posterize()
-
     return create_transform(
         cfg["input_size"], is_training=True, auto_augment=cfg["aa"] or None, interpolation="bicubic",
         color_jitter=cfg["color_jitter"], re_prob=cfg["reprob"], re_mode=cfg["remode"], re_count=cfg["recount"],
-        mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        mean=mean, std=std)
 
 
-def eval_transform(cfg):
+def eval_transform(cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD, pil: bool = True):
+    """timm's evaluation transform (pil) or resize + centre crop + normalise on tensors."""
+    if not pil:
+        return TensorEvalTransform(cfg["input_size"], cfg["crop_pct"], mean, std)
     from timm.data import create_transform
 
     return create_transform(cfg["input_size"], is_training=False, interpolation="bicubic",
-                            crop_pct=cfg["crop_pct"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                            crop_pct=cfg["crop_pct"], mean=mean, std=std)
+
+
+class TensorTrainTransform:
+    """(C, H, W) float in [0, 1] -> RandomResizedCrop (0.08..1, bicubic) + flip + normalise + random erasing."""
+
+    def __init__(self, input_size: int, mean, std, reprob: float = 0.0, remode: str = "pixel", recount: int = 1,
+                 scale=(0.08, 1.0)):
+        self.size, self.scale = int(input_size), tuple(scale)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.erase = None
+        if reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(reprob, mode=remode, max_count=recount, device="cpu")
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        box, flip = sample_crop(image.shape[-2], image.shape[-1], self.scale)
+        x = array_crop(image, box, self.size)
+        x = (x.flip(-1) if flip else x) - self.mean
+        x = x / self.std
+        return self.erase(x) if self.erase is not None else x
+
+
+class TensorEvalTransform:
+    """(C, H, W) float in [0, 1] -> shorter side to input_size / crop_pct (bicubic), centre crop, normalise."""
+
+    def __init__(self, input_size: int, crop_pct: float, mean, std):
+        self.size, self.crop_pct = int(input_size), float(crop_pct)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        short = int(self.size / self.crop_pct)
+        th, tw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+        x = torch.nn.functional.interpolate(image[None].float(), size=(th, tw), mode="bicubic", align_corners=False,
+                                            antialias=True)[0]
+        top, left = (th - self.size) // 2, (tw - self.size) // 2
+        return (x[:, top:top + self.size, left:left + self.size] - self.mean) / self.std
 
 
 def make_mixup(cfg, num_classes: int):

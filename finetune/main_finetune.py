@@ -29,27 +29,32 @@ if __name__ == "__main__":  # first thing: a stop signal during the slow imports
 from pathlib import Path
 from typing import Any, Dict
 
+import torch
 from torch.utils.data import DataLoader
 
 import sparse
 from fcmae.data import DataError
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import distributed
+from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
 from fcmae.runtime.signals import ignore_stop_signals
-from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, seed_everything, train_loader
+from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, precision_note, seed_everything, train_loader
 from finetune import data as ftdata
 from finetune.config import FinetuneConfig, resolve_config as _resolve
 from finetune.convert import ConversionError
 from finetune.engine import evaluate
-from finetune.model import build_model, load_pretrained
+from finetune.model import build_model, load_pretrained, read_pretrained
 from finetune.optim import build_optimizer
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "num_classes")
+# Settings whose change on resume is taken as given (all others stop; see fcmae/runtime/resume_check.py):
+# those of both commands, and the pre-trained weights, the recipe's name and the head's initial scale (used
+# only at the start), what is evaluated each epoch, and --eval.
+HARMLESS = resume_check.HARMLESS + ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval")
 
 
 def resolve_config(argv=None) -> FinetuneConfig:
@@ -135,8 +140,12 @@ def check_resumable(saved: Dict[str, Any], cfg: FinetuneConfig, path) -> None:
 
 
 def load_weights(model, path) -> None:
-    """Pre-trained weights into `model` (converted on the fly when they are FCMAE's); logs what was loaded."""
-    report = load_pretrained(model, read_checkpoint(path), str(path))
+    """Pre-trained weights from outside into `model` (converted on the fly when they are FCMAE's).
+
+    Read with `read_pretrained` (safetensors, or torch.load with weights_only=True): a file whose
+    unpickling would run code is refused. Logs what was loaded.
+    """
+    report = load_pretrained(model, read_pretrained(path), str(path))
     for line in report.lines():
         log(line)
 
@@ -145,9 +154,16 @@ def load_weights(model, path) -> None:
 def run(cfg: FinetuneConfig) -> int:
     """A real run (training, or evaluation with --eval); see Command.main for --dry_run."""
     info = distributed.init_distributed(cfg.device)
+    threads = torch.get_num_threads()
     try:
-        return _evaluate_only(cfg, info) if cfg.eval else _train(cfg, info)
+        if info.device.type == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        if cfg.eval:
+            return _evaluate_only(cfg, info)
+        with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
+            return _train(cfg, info)
     finally:
+        torch.set_num_threads(threads)  # matters when called in-process (tests, notebooks)
         distributed.cleanup()
 
 
@@ -207,6 +223,9 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     if saved is None and cfg.finetune:
         load_weights(model, cfg.finetune)
     plan = plan_run(cfg, info.world_size, len(train_set))
+    if saved is not None:
+        old_plan = resume_check.check_resume(saved, cfg.to_dict(), plan, resume_from, HARMLESS,
+                                             cfg.allow_config_change)
     if main:
         print(format_plan(cfg, plan, str(root), num_classes), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict(), "classes": classes}, out / "config.yaml")
@@ -231,12 +250,14 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
             images, targets = mixup(images, targets)
         return criterion(model(images), targets)
 
-    trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir, cfg.to_dict(),
-                      scaler=grad_scaler(device, cfg.amp), after_step=ema.update if ema is not None else None,
+    trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
+                      {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp),
+                      after_step=ema.update if ema is not None else None,
                       extra_state=lambda: {"ema": ema.module.state_dict() if ema is not None else None,
                                            "best": best, "classes": classes})
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
+        resume_check.align_state(trainer.state, old_plan, plan)
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
         best.update(saved.get("best") or {})
@@ -246,6 +267,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         log(f"nothing to do: {state.epoch} of {cfg.epochs} epochs already done in {out}")
         return 0
     val_batches = val_loader(cfg, val_set, info)
+    if precision_note(device, cfg.amp):
+        log(precision_note(device, cfg.amp))
 
     def end_epoch(train_loss: float) -> None:
         """Validate (the weights, and the EMA when asked) and log the epoch's summary."""

@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence
 import torch.nn as nn
 
 from finetune.convert import ConversionError, build_dense, convert, describe_arch, uses_conv_mlp
+from finetune.weights import WeightsError, read_weights
 from sparse.sizes import check_size, resolve_arch, size_of
 
 
@@ -86,3 +87,41 @@ def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") ->
                               f"{result.unexpected_keys}")
     return LoadReport(path, conversion.source_format, sorted(weights), list(result.missing_keys),
                       list(result.unexpected_keys), dropped)
+
+
+def read_pretrained(path) -> dict:
+    """Read pre-trained weights from outside safely (finetune/weights.py); errors as ConversionError.
+
+    A .safetensors file, or a torch file read with weights_only=True: a file
+    whose unpickling would run code is refused, and none of its code runs.
+    """
+    try:
+        return read_weights(path)
+    except WeightsError as e:
+        raise ConversionError(str(e)) from None
+
+
+def load_backbone(checkpoint: Optional[str], size: Optional[str] = None, depths: Optional[Sequence[int]] = None,
+                  dims: Optional[Sequence[int]] = None, seed: int = 0) -> nn.Module:
+    """A dense ConvNeXt V2 without classifier (num_classes=0) for feature extraction, in eval mode.
+
+    `checkpoint`: an FCMAE checkpoint, converted (timm, reference, .safetensors)
+    weights, or None / "none" for random weights (seeded by `seed`). The
+    architecture is the checkpoint's unless `size` (and depths/dims) is
+    given, in which case a checkpoint of another size is a clear error.
+    """
+    import torch
+
+    if checkpoint is None or str(checkpoint).lower() == "none":
+        torch.manual_seed(seed)
+        return build_model(size or "atto", 0, depths=depths, dims=dims).eval()
+    state = read_pretrained(checkpoint)
+    if size is None and depths is None and dims is None:
+        try:
+            conversion = convert(state)
+        except ConversionError as e:
+            raise ConversionError(f"{checkpoint}: {e}") from None
+        size, depths, dims = conversion.size or "atto", conversion.depths, conversion.dims
+    model = build_model(size or "atto", 0, depths=depths, dims=dims)
+    load_pretrained(model, state, str(checkpoint))
+    return model.eval()

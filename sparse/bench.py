@@ -1,6 +1,13 @@
-"""Time the sparse encoder's forward + backward against the dense timm model.
+"""Time the sparse encoder against the dense timm model, the FCMAE step, or the depthwise conv's methods.
 
     python -m sparse.bench --size tiny --batch 8 --img-size 224 --mask-ratio 0.6 --threads 2
+    python -m sparse.bench --mode step --size atto --batch 16    # full pre-training step
+    python -m sparse.bench --mode dwconv --size tiny --device cuda   # methods of sparse/depthwise.py
+
+--mode encoder (default): encoder forward + backward of each backend and timm.
+--mode step: the full FCMAE pre-training step (forward, loss, backward,
+AdamW) of `fcmae.build_fcmae(size)` with each backend; minimum step time.
+--mode dwconv: every method of the depthwise conv per stage (sparse/depthwise.py).
 
 Every backend and the dense model get the same weights and the same images;
 the sparse backends also get the same mask. Steps are interleaved (one step
@@ -18,17 +25,9 @@ from typing import Callable, Dict, List
 
 import torch
 
+from fcmae.masking import random_mask
 from sparse.encoder import BACKENDS, build_encoder, sites_class
 from sparse.sizes import MODEL_SIZES
-
-
-def random_mask(batch: int, num_patches: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """(N, L) 0/1 mask, 1 = masked, with the same number of kept patches per image."""
-    num_keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch, num_patches, generator=generator)
-    mask = torch.ones(batch, num_patches)
-    mask.scatter_(1, noise.argsort(1)[:, :num_keep], 0.0)
-    return mask
 
 
 def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
@@ -58,7 +57,18 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", default="encoder", choices=["encoder", "step", "dwconv"])
+    parser.add_argument("--profile", action="store_true", help="--mode step: also print a torch.profiler table")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="--mode step/dwconv: wall-clock or this process's CPU time (CPU only; busy machines)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and torch.device(args.device).type != "cpu":
+        parser.error("--clock cpu times CPU work only; use --clock wall with --device " + args.device)
+    if args.mode != "encoder":
+        from sparse import bench_parts
+
+        torch.set_num_threads(args.threads)
+        return bench_parts.bench_step(args) if args.mode == "step" else bench_parts.bench_dwconv(args)
 
     import timm  # the dense baseline
 
@@ -83,7 +93,7 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
     dense.load_state_dict(to_timm(encoder.state_dict()), strict=False)
     imgs = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
     num_patches = (args.img_size // 32) ** 2
-    mask = random_mask(args.batch, num_patches, args.mask_ratio, gen).to(device)
+    mask = random_mask(args.batch, num_patches, args.mask_ratio, generator=gen).to(device)
 
     steps: Dict[str, Callable[[], torch.Tensor]] = {"dense (timm)": lambda: dense.forward_features(imgs).sum()}
     for name in backends:

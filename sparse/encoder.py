@@ -8,7 +8,7 @@ a backend only decides how the forward pass stores the visible sites
 (sparse/sites.py), so any checkpoint runs with any backend.
 """
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,12 @@ from timm.layers import trunc_normal_
 
 from sparse.sites import PATCH_PIXELS, MaskedDenseSites, PatchSites, Sites
 from sparse.sizes import check_size, resolve_arch, size_of
+
+
+def is_compiling() -> bool:
+    """True while torch.compile traces the code, False in eager mode."""
+    return torch.compiler.is_compiling()
+
 
 BACKENDS = ("torch", "dense-masked", "minkowski")
 
@@ -154,8 +160,17 @@ class SparseConvNeXtV2(nn.Module):
     def extra_repr(self) -> str:
         return f"size={self.size}, depths={self.depths}, dims={self.dims}, backend={self.backend!r}"
 
-    def visible_grid(self, imgs: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Validate the inputs; return the (N, H/32, W/32) bool map of kept patches."""
+    def visible_grid(
+        self, imgs: torch.Tensor, mask: Optional[torch.Tensor], num_kept: Optional[int] = None
+    ) -> Tuple[torch.Tensor, int]:
+        """Validate the inputs; return the (N, H/32, W/32) bool map of kept patches and the kept count.
+
+        Shapes, dtypes and devices are always checked (free: no tensor value is
+        read). The mask's values are checked only for a mask whose kept count
+        the caller does not vouch for (`num_kept` None), and only in eager
+        mode: reading values is a device-to-host sync, and a graph break under
+        torch.compile.
+        """
         if not torch.is_tensor(imgs) or imgs.dim() != 4:
             shape = tuple(imgs.shape) if torch.is_tensor(imgs) else type(imgs).__name__
             raise ValueError(f"imgs must be a (N, {self.in_chans}, H, W) tensor, got {shape}")
@@ -171,7 +186,7 @@ class SparseConvNeXtV2(nn.Module):
             raise ValueError(f"imgs are on {imgs.device} but the encoder's weights are on {param.device}")
         grid_h, grid_w = h // PATCH_PIXELS, w // PATCH_PIXELS
         if mask is None:
-            return torch.ones(n, grid_h, grid_w, dtype=torch.bool, device=imgs.device)
+            return torch.ones(n, grid_h, grid_w, dtype=torch.bool, device=imgs.device), grid_h * grid_w
         if not torch.is_tensor(mask) or tuple(mask.shape) != (n, grid_h * grid_w):
             shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
             raise ValueError(
@@ -180,22 +195,49 @@ class SparseConvNeXtV2(nn.Module):
             )
         if mask.device != imgs.device:
             raise ValueError(f"mask is on {mask.device} but imgs are on {imgs.device}")
-        if mask.dtype != torch.bool:
-            if mask.is_complex() or not torch.all((mask == 0) | (mask == 1)):
-                raise ValueError("mask values must be 0 (visible) or 1 (masked)")
+        if mask.is_complex():
+            raise ValueError("mask values must be 0 (visible) or 1 (masked)")
         visible = (mask == 0).reshape(n, grid_h, grid_w)
-        if self.sites_class.needs_equal_keep and n > 1:
-            kept = visible.reshape(n, -1).sum(1)
-            if not torch.all(kept == kept[0]):
-                raise ValueError(
-                    f"the {self.backend!r} backend needs the same number of visible patches in every "
-                    f"image, got {kept.tolist()} (FCMAE masks always keep the same count; use "
-                    f"backend='dense-masked' for arbitrary masks)"
-                )
-        return visible
+        if num_kept is None and not is_compiling():
+            num_kept = self._check_mask_values(mask, visible)
+        elif num_kept is None and self.sites_class.needs_equal_keep:
+            # Compiled, and nobody said how many patches are kept: read it (a graph break).
+            num_kept = int(visible[0].sum()) if n else 0
+        return visible, num_kept
 
-    def forward(self, imgs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        sites = self.sites_class(self.visible_grid(imgs, mask))
+    def _check_mask_values(self, mask: torch.Tensor, visible: torch.Tensor) -> Optional[int]:
+        """Clear errors for a user's bad mask (eager only); the kept count per image, if it is one count."""
+        if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
+            raise ValueError("mask values must be 0 (visible) or 1 (masked)")
+        n = visible.shape[0]
+        kept = visible.reshape(n, -1).sum(1).tolist()
+        if self.sites_class.needs_equal_keep and len(set(kept)) > 1:
+            raise ValueError(
+                f"the {self.backend!r} backend needs the same number of visible patches in every "
+                f"image, got {kept} (FCMAE masks always keep the same count; use "
+                f"backend='dense-masked' for arbitrary masks)"
+            )
+        return kept[0] if n and len(set(kept)) == 1 else None
+
+    def forward(
+        self, imgs: torch.Tensor, mask: Optional[torch.Tensor] = None, num_kept: Optional[int] = None
+    ) -> torch.Tensor:
+        """Features of the visible patches; see the class docstring.
+
+        Args:
+            imgs: (N, 3, H, W) images, H and W multiples of 32.
+            mask: (N, L) patch mask, 1 = masked; None keeps every patch.
+            num_kept: visible patches per image, when the caller knows it (a
+                mask drawn by `fcmae.masking.random_mask` keeps
+                `num_kept(L, mask_ratio)`). The caller vouches for the mask, so
+                its values are not checked: no host sync, no graph break. None
+                reads (and checks) it from the mask in eager mode.
+        """
+        visible, num_kept = self.visible_grid(imgs, mask, num_kept)
+        if self.sites_class.needs_equal_keep:
+            sites = self.sites_class(visible, num_kept)
+        else:
+            sites = self.sites_class(visible)
         x = self.stem[1](sites.stem(imgs, self.stem[0]))
         for stage in self.stages:
             x = stage(x, sites)

@@ -9,7 +9,7 @@ made from the mask at the start of each forward pass:
   patch at the current stage, C channels. Pointwise layers run on it
   directly, so they only compute visible work; the 2x2 downsample never
   crosses a patch and is a reshape plus a matmul; only the 7x7 depthwise conv
-  looks across patch borders.
+  looks across patch borders (sparse/depthwise.py).
 - `MaskedDenseSites` (backend "dense-masked"): full dense maps (N, H, W, C)
   with masked sites set to zero before and after every spatial op. Full dense
   cost, numerically the same as sparse convolution: the oracle.
@@ -18,9 +18,13 @@ Both keep features channels-last, so LayerNorm and Linear layers act on the
 last axis in either case.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from timm.layers import drop_path as timm_drop_path
+
+from sparse.depthwise import visible_depthwise_conv
 
 PATCH_PIXELS = 32  # FCMAE masks 32x32-pixel patches: one site at stride 32.
 
@@ -74,14 +78,18 @@ class PatchSites(Sites):
 
     needs_equal_keep = True
 
-    def __init__(self, visible: torch.Tensor):
+    def __init__(self, visible: torch.Tensor, num_kept: Optional[int] = None):
+        """`num_kept`: kept patches per image when known (no host sync); None reads it from `visible`."""
         super().__init__(visible)
         n = self.batch_size
         flat = visible.reshape(n, -1)
-        keep_counts = flat.sum(1)
-        self.num_kept = int(keep_counts[0]) if n else 0
-        # nonzero() returns kept patches in raster order for each image in turn.
-        kept = flat.nonzero()[:, 1].reshape(n, self.num_kept)
+        if num_kept is None:
+            num_kept = int(flat[0].sum()) if n else 0
+        self.num_kept = num_kept
+        # A stable sort puts each image's kept patches first, in raster order:
+        # the indices have a static shape, so no nonzero() (a sync) is needed.
+        order = torch.argsort((~flat).to(torch.uint8), dim=1, stable=True)
+        kept = order[:, :num_kept]
         self.rows = kept // self.grid_w  # (N, K) patch row of each kept patch
         self.cols = kept % self.grid_w  # (N, K) patch column
         self.batch_index = torch.arange(n, device=visible.device).unsqueeze(1)  # (N, 1)
@@ -121,63 +129,14 @@ class PatchSites(Sites):
         return self._patchwise_conv(patches, conv)
 
     def depthwise_conv(self, x, conv):
-        return _VisibleDepthwiseConv.apply(self._scatter_patches(x), conv.weight, conv.bias, self, x.shape[2])
+        # Each part by the method that is fastest for this device and stage.
+        return visible_depthwise_conv(self, x, conv)
 
     def downsample(self, x, conv):
         return self._patchwise_conv(x, conv)
 
     def to_dense(self, x):
         return self._scatter_patches(x).permute(0, 3, 1, 2).contiguous()
-
-
-class _VisibleDepthwiseConv(torch.autograd.Function):
-    """Depthwise conv (7x7, stride 1, 'same' padding) evaluated at the kept patches.
-
-    Input: the zero-filled channels-last map of the visible sites; output: the
-    (N, K, p, p, C) kept patches. Forward and input gradient are dense
-    depthwise convolutions (fast). The weight gradient only needs the kept
-    output sites: it is summed over windows of the input around each kept
-    patch (patch plus a 3-site halo), which is ~2x faster on CPU than the
-    dense weight gradient of aten's convolution_backward.
-    """
-
-    @staticmethod
-    def forward(ctx, dense, weight, bias, sites: "PatchSites", p: int):
-        channels, k = weight.shape[0], weight.shape[-1]
-        out = F.conv2d(dense.permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=channels)
-        ctx.save_for_backward(dense, weight)
-        ctx.sites, ctx.p = sites, p
-        return sites._gather_patches(out.permute(0, 2, 3, 1), p)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        dense, weight = ctx.saved_tensors
-        sites, p = ctx.sites, ctx.p
-        channels, k = weight.shape[0], weight.shape[-1]
-        # Under autocast the forward conv ran in a lower precision than the
-        # saved fp32 tensors: compute the gradients in the dtype of grad_out.
-        grad_out = grad_out.contiguous()
-        dense, weight = dense.to(grad_out.dtype), weight.to(grad_out.dtype)
-        grad_dense = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            # The transpose of a 'same' stride-1 conv is the conv with the flipped kernel.
-            scattered = sites._scatter_patches(grad_out).permute(0, 3, 1, 2)
-            flipped = weight.flip(2, 3)
-            grad_dense = F.conv2d(scattered, flipped, padding=k // 2, groups=channels).permute(0, 2, 3, 1)
-        if ctx.needs_input_grad[1]:
-            pad = k // 2
-            padded = F.pad(dense, (0, 0, pad, pad, pad, pad))
-            windows = padded.unfold(1, p + 2 * pad, p).unfold(2, p + 2 * pad, p)  # (N, Hp, Wp, C, w, w)
-            windows = windows[sites.batch_index, sites.rows, sites.cols]  # (N, K, C, w, w)
-            windows = windows.permute(0, 1, 3, 4, 2).contiguous()  # (N, K, w, w, C)
-            grad_weight = dense.new_empty(k, k, channels)
-            for ky in range(k):
-                for kx in range(k):
-                    grad_weight[ky, kx] = (windows[:, :, ky:ky + p, kx:kx + p] * grad_out).sum((0, 1, 2, 3))
-            grad_weight = grad_weight.permute(2, 0, 1).unsqueeze(1)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum((0, 1, 2, 3))
-        return grad_dense, grad_weight, grad_bias, None, None
 
 
 class MaskedDenseSites(Sites):

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from fcmae import masking
+
 # A custom config small enough for fast CPU tests, with a different width per stage.
 TINY_DEPTHS = (1, 2, 1, 1)
 TINY_DIMS = (8, 16, 24, 32)
@@ -56,9 +58,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5
 
 
 def random_mask(batch: int, num_patches: int, num_masked: int, seed: int) -> torch.Tensor:
-    """(N, L) float mask, 1 = masked, exactly num_masked masked patches per image."""
+    """(N, L) float mask, 1 = masked, exactly num_masked masked patches per image (seeded)."""
     gen = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(batch, num_patches)
-    for i in range(batch):
-        mask[i, torch.randperm(num_patches, generator=gen)[:num_masked]] = 1
-    return mask
+    return masking.random_mask(batch, num_patches, num_masked=num_masked, generator=gen)

@@ -1,6 +1,8 @@
 """The training runtime both commands share; it imports neither command.
 
-    files       write_atomic: the one atomic file write
+    files       write_atomic: the one atomic file write; full disks; temporaries of killed writes
+    lock        one run per output folder (a lock file, stale after a crash)
+    resume_check  which changed settings stop a resume; carrying the position over to a new plan
     config      YAML layers, command-line overrides, the reference release's flag forms
     settings    typed, frozen run configs: TrainConfig, setting(), build_config()
     plan        Plan, make_plan(): per-GPU batch, accumulation, effective batch, lr, steps

@@ -4,9 +4,10 @@ Each command module (fcmae/main_pretrain.py, finetune/main_finetune.py)
 defines `COMMAND = Command(name, resolve, run, describe)`; `Command.main`
 then reads the command line into the typed config, prints the plan and stops
 for `--dry_run`, or runs. Bad input (UsageError, ConfigError, and the
-command's own expected errors) is printed as one line `NAME: error: ...`
-with exit code 2; a non-finite loss exits with 3; anything else is a bug and
-keeps its traceback. fcmae.runtime.launch uses the same `resolve` and
+command's own expected errors, a device that is not there) is printed as one
+line `NAME: error: ...` with exit code 2; a non-finite loss exits with 3, a
+full disk with 4, an output folder in use by another run with 5; anything
+else is a bug and keeps its traceback. fcmae.runtime.launch uses the same `resolve` and
 `describe`, so the launcher and the command read the flags alike.
 """
 
@@ -24,6 +25,8 @@ from fcmae.runtime.config import (
 
 EXIT_USAGE = 2
 EXIT_NON_FINITE_LOSS = 3
+EXIT_DISK_FULL = 4
+EXIT_IN_USE = 5
 
 
 class UsageError(ValueError):
@@ -116,7 +119,9 @@ class Command:
     expected_errors: Tuple[type, ...] = ()
 
     def usage_errors(self) -> Tuple[type, ...]:
-        return (UsageError, ConfigError, ckpt.CheckpointError) + self.expected_errors
+        from fcmae.runtime.distributed import DeviceError
+
+        return (UsageError, ConfigError, ckpt.CheckpointError, DeviceError) + self.expected_errors
 
     def fail(self, error: BaseException, code: int = EXIT_USAGE) -> NoReturn:
         print(f"{self.name}: error: {error}", file=sys.stderr, flush=True)
@@ -124,6 +129,8 @@ class Command:
 
     def main(self, argv: Optional[Sequence[str]] = None) -> NoReturn:
         """Resolve, then print the plan (`--dry_run`) or run; expected errors become one line and an exit code."""
+        from fcmae.runtime.files import DiskFullError, disk_full_error
+        from fcmae.runtime.lock import LockError
         from fcmae.runtime.trainer import NonFiniteLossError
 
         try:
@@ -137,4 +144,13 @@ class Command:
             self.fail(e)
         except NonFiniteLossError as e:
             self.fail(e, EXIT_NON_FINITE_LOSS)
+        except LockError as e:
+            self.fail(e, EXIT_IN_USE)
+        except DiskFullError as e:
+            self.fail(e, EXIT_DISK_FULL)
+        except OSError as e:  # a write outside write_atomic (log.jsonl's appends) on a full disk
+            full = disk_full_error(e, e.filename or "?")
+            if full is None:
+                raise
+            self.fail(full, EXIT_DISK_FULL)
         sys.exit(code)

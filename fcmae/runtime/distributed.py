@@ -27,6 +27,10 @@ import torch.distributed as dist
 from fcmae.runtime import slurm
 
 
+class DeviceError(RuntimeError):
+    """The requested device is not there (e.g. --device cuda without a GPU); a one-line error."""
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -75,7 +79,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
+            raise DeviceError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
         if name == "cuda":
             return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-from fcmae.runtime.files import write_text_atomic
+from fcmae.runtime.files import disk_full_error, write_text_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -89,8 +89,12 @@ class JsonlLogger:
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(record), default=float) + "\n")
+        line = json.dumps(dict(record), default=float) + "\n"
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as e:  # a full disk: say where (a cut line is skipped by readers of the log)
+            raise disk_full_error(e, self.path, len(line)) or e
 
     def truncate_after(self, key: str, value: float) -> None:
         """Drop records with record[key] > value (e.g. steps logged after the checkpoint a run resumes from)."""

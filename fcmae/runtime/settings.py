@@ -165,6 +165,7 @@ class TrainConfig:
     output_dir: str
     log_dir: str
     resume: Optional[str] = setting(parse=parse_optional_path)  # 'auto', a path, or None
+    allow_config_change: bool  # resume although settings that change the run differ (fcmae/runtime/resume_check.py)
     print_every: int = setting(1)
     save_every: int = setting(0)
     keep_checkpoints: int = setting(0)

@@ -111,6 +111,13 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def precision_note(device: torch.device, amp: str) -> Optional[str]:
+    """The line that says a requested mixed precision has no effect (on CPU), or None."""
+    if device.type != "cuda" and amp != "off":
+        return f"note: --amp {amp} has no effect on {device.type}; training in fp32"
+    return None
+
+
 def grad_scaler(device: torch.device, amp: str) -> Optional[torch.amp.GradScaler]:
     """A loss scaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
     return torch.amp.GradScaler("cuda") if (device.type == "cuda" and amp == "fp16") else None
@@ -184,8 +191,11 @@ class Trainer:
             log(f"note: the checkpoint has RNG states of {len(rngs)} processes, this run has "
                 f"{self.info.world_size}; reseeding")
             torch.manual_seed(seed + self.info.rank + 1_000_003 * self.state.step)
-        log(f"resumed from {path}: epoch {self.state.epoch + 1}, iteration {self.state.iteration}, "
-            f"step {self.state.step}")
+        if self.state.epoch >= self.settings.epochs:
+            log(f"resumed from {path}: all {self.state.epoch} epochs done, step {self.state.step}")
+        else:
+            log(f"resumed from {path}: epoch {self.state.epoch + 1}, iteration {self.state.iteration}, "
+                f"step {self.state.step}")
 
     def save(self, epoch_done: Optional[int] = None) -> None:
         """The checkpoint of the run as it stands (called on every rank; rank 0 writes)."""

@@ -1,0 +1,320 @@
+"""Reading training images of any supported kind: headers, full arrays, fast random crops.
+
+Formats and how they are read:
+
+- JPEG, 8-bit PNG, BMP, PPM/PGM, WebP, 8-bit TIFF-less formats: Pillow.
+  JPEGs are decoded at 1/2, 1/4 or 1/8 size when the crop allows it
+  (libjpeg's DCT scaling through `Image.draft`, see `pil_crop`).
+- 16-bit PNG (grey, grey+alpha, RGB, RGBA): torchvision's `decode_png`
+  (Pillow reads 16-bit colour PNGs as 8-bit and 16-bit grey ones as I;16).
+- TIFF (.tif, .tiff): tifffile; the first series, its own axes metadata
+  says where the channels are ('YX' -> 1 channel, 'YXS' -> channels last,
+  any other 3-axis order -> channels first).
+- NumPy (.npy): (H, W), (H, W, C) or (C, H, W). Which 3-D layout is
+  decided, in this order: an explicit `layout` ('HWC' or 'CHW'); else the
+  axis (first or last) whose size equals the data set's channel count when
+  only one does; else an error asking for `layout` -- it is never guessed.
+
+Values: integer samples are divided by their dtype's maximum (255 for
+uint8, 65535 for uint16, ...), so every image lands in [0, 1]; booleans
+become 0/1; floating-point arrays are taken as they are (their scale is
+the user's). Nothing is clipped.
+
+Channels: a data set has one channel count (`in_chans`) and one sample
+dtype. The only conversion is the photograph convention: with
+`in_chans` 3 and 8-bit data, Pillow images of any mode (grey, palette,
+RGBA, CMYK) are converted to RGB, as torchvision's folder loader does, so
+ImageNet's few greyscale and CMYK JPEGs still load. Anything else that
+differs is an error naming the file (`check_compatible`).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+PathLike = Union[str, os.PathLike]
+
+LAYOUTS = ("auto", "HWC", "CHW")
+ARRAY_SUFFIXES = (".npy",)
+TIFF_SUFFIXES = (".tif", ".tiff")
+# Channels of each Pillow mode as the file stores it.
+PIL_MODE_CHANNELS = {"1": 1, "L": 1, "P": 3, "LA": 2, "PA": 4, "RGB": 3, "RGBA": 4, "RGBX": 4, "CMYK": 4,
+                     "YCbCr": 3, "LAB": 3, "HSV": 3, "I;16": 1, "I;16B": 1, "I;16L": 1, "I": 1, "F": 1}
+PIL_MODE_DTYPE = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int32", "F": "float32"}
+PNG_COLOR_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+class DataError(ValueError):
+    """Unusable training data; the message says what is wrong and where."""
+
+
+class ImageFormatError(DataError):
+    """A file that cannot be used as an image of this data set; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says: size, stored channels, sample dtype, and how to read it.
+
+    kind: 'pil' (Pillow, 8-bit or 1-channel 16/32-bit), 'png16' (torchvision),
+    'tiff' (tifffile) or 'npy'. layout: 'HW', 'HWC' or 'CHW' (arrays) or ''.
+    """
+
+    path: str
+    height: int
+    width: int
+    channels: int
+    dtype: str
+    kind: str
+    mode: str = ""
+    layout: str = ""
+
+    @property
+    def is_jpeg(self) -> bool:
+        return self.kind == "pil" and self.mode != "" and Path(self.path).suffix.lower() in (".jpg", ".jpeg")
+
+    @property
+    def bit_depth(self) -> int:
+        return np.dtype(self.dtype).itemsize * 8 if self.dtype != "bool" else 1
+
+    def describe(self) -> str:
+        return f"{self.channels} channel(s) of {self.dtype}"
+
+
+def png_header(path: PathLike) -> Optional[Tuple[int, int, int, int]]:
+    """(width, height, bit depth, colour type) from a PNG's IHDR, or None when it is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(29)
+    if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height, depth, color = struct.unpack(">IIBB", head[16:26])
+    return width, height, depth, color
+
+
+def _array_layout(path: str, shape: Tuple[int, ...], layout: str, in_chans: Optional[int]) -> Tuple[str, int, int, int]:
+    """(layout, channels, height, width) of an array of `shape`; see the module docstring for the rule."""
+    if layout not in LAYOUTS:
+        raise ImageFormatError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    if len(shape) == 2:
+        return "HW", 1, shape[0], shape[1]
+    if len(shape) != 3:
+        raise ImageFormatError(f"{path}: an image array must have 2 dimensions (H, W) or 3 ((H, W, C) or "
+                               f"(C, H, W)), got shape {tuple(shape)}")
+    if layout == "auto":
+        first, last = in_chans is not None and shape[0] == in_chans, in_chans is not None and shape[2] == in_chans
+        if first == last:
+            why = (f"both its first and last axes are {in_chans}" if first
+                   else f"neither its first nor its last axis is in_chans={in_chans}")
+            raise ImageFormatError(f"{path}: cannot tell (H, W, C) from (C, H, W) for shape {tuple(shape)} ({why}); "
+                                   f"set layout: HWC or CHW" + ("" if first else " and check in_chans"))
+        layout = "CHW" if first else "HWC"
+    if layout == "CHW":
+        return "CHW", shape[0], shape[1], shape[2]
+    return "HWC", shape[2], shape[0], shape[1]
+
+
+def read_info(path: PathLike, layout: str = "auto", in_chans: Optional[int] = None) -> ImageInfo:
+    """The header of an image file (nothing is decoded). Raises ImageFormatError, OSError."""
+    path = str(path)
+    suffix = Path(path).suffix.lower()
+    if suffix in ARRAY_SUFFIXES:
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:  # unreadable, like a truncated JPEG: skipped and reported by training
+            raise OSError(f"{path}: not a readable .npy array ({e})") from None
+        _check_dtype(path, array.dtype)
+        kind_layout, channels, height, width = _array_layout(path, array.shape, layout, in_chans)
+        return ImageInfo(path, height, width, channels, array.dtype.name, "npy", layout=kind_layout)
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
+        _check_dtype(path, dtype)
+        if len(shape) == 2:
+            return ImageInfo(path, shape[0], shape[1], 1, dtype.name, "tiff", layout="HW")
+        if len(shape) != 3:
+            raise ImageFormatError(f"{path}: a TIFF image must have 2 or 3 axes, got shape {shape} (axes {axes})")
+        if axes.endswith("S"):
+            return ImageInfo(path, shape[0], shape[1], shape[2], dtype.name, "tiff", layout="HWC")
+        return ImageInfo(path, shape[1], shape[2], shape[0], dtype.name, "tiff", layout="CHW")
+    png = png_header(path) if suffix == ".png" else None
+    if png is not None and png[2] == 16:
+        width, height, _, color = png
+        return ImageInfo(path, height, width, PNG_COLOR_CHANNELS.get(color, 0), "uint16", "png16")
+    with Image.open(path) as image:
+        return pil_info(path, image)
+
+
+def pil_info(path: PathLike, image: Image.Image) -> ImageInfo:
+    """The ImageInfo of an opened (not necessarily loaded) Pillow image."""
+    if image.mode not in PIL_MODE_CHANNELS:
+        raise ImageFormatError(f"{path}: unsupported Pillow image mode {image.mode!r}")
+    return ImageInfo(str(path), image.height, image.width, PIL_MODE_CHANNELS[image.mode],
+                     PIL_MODE_DTYPE.get(image.mode, "uint8"), "pil", mode=image.mode)
+
+
+def uses_pillow(path: PathLike) -> bool:
+    """Whether `read_info` reads this file with Pillow (everything but .npy, TIFF and 16-bit PNG)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in ARRAY_SUFFIXES or suffix in TIFF_SUFFIXES:
+        return False
+    png = png_header(path) if suffix == ".png" else None
+    return png is None or png[2] != 16
+
+
+def _check_dtype(path: str, dtype: np.dtype) -> None:
+    if not (dtype.kind in "uifb"):
+        raise ImageFormatError(f"{path}: samples of dtype {dtype} are not an image (expected integers, floats "
+                               f"or booleans)")
+
+
+def check_compatible(info: ImageInfo, in_chans: int, dtype: str) -> None:
+    """Raise ImageFormatError naming the file unless it fits a data set of `in_chans` channels of `dtype`."""
+    photo = info.kind == "pil" and info.dtype == "uint8" and dtype == "uint8" and in_chans == 3
+    if info.dtype != dtype:
+        raise ImageFormatError(f"{info.path} has samples of {info.dtype} ({info.bit_depth}-bit) but the data set's "
+                               f"are {dtype}: a folder must not mix bit depths")
+    if info.channels != in_chans and not photo:
+        raise ImageFormatError(f"{info.path} has {info.channels} channel(s) but the data set has in_chans={in_chans}: "
+                               f"a folder must not mix channel counts (set in_chans to match the files)")
+
+
+def scale_to_unit(array: np.ndarray) -> np.ndarray:
+    """float32 copy of `array`, integers divided by their dtype's maximum, booleans as 0/1, floats as they are."""
+    if array.dtype.kind in "ui":
+        return array.astype(np.float32) * np.float32(1.0 / np.iinfo(array.dtype).max)
+    return array.astype(np.float32)
+
+
+def pil_target_mode(in_chans: int) -> Optional[str]:
+    """The Pillow mode 8-bit images are converted to, or None when they are kept as stored."""
+    return {1: "L", 3: "RGB"}.get(in_chans)
+
+
+def read_array(info: ImageInfo, in_chans: int) -> np.ndarray:
+    """The whole image as stored: a (C, H, W) array of its own dtype (photographs converted per in_chans)."""
+    if info.kind == "npy":
+        array = np.load(info.path, allow_pickle=False)
+    elif info.kind == "tiff":
+        import tifffile
+
+        array = tifffile.imread(info.path, series=0)
+    elif info.kind == "png16":
+        from torchvision.io import ImageReadMode, decode_png, read_file
+
+        pixels = decode_png(read_file(info.path), ImageReadMode.UNCHANGED)  # (C, H, W) torch.uint16
+        return pixels.view(torch.int16).numpy().view(np.uint16)
+    else:
+        with Image.open(info.path) as image:
+            mode = pil_target_mode(in_chans) if info.dtype == "uint8" else None
+            if mode is not None and image.mode != mode:
+                image = image.convert(mode)
+            array = np.asarray(image)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.ndim == 2:
+        return array[None]
+    if info.layout == "HWC" or (info.kind == "pil" and array.ndim == 3):
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+    return array
+
+
+def read_pil(info: ImageInfo, in_chans: int) -> Image.Image:
+    """An 8-bit Pillow image (RGB for in_chans 3, L for 1) for Pillow transforms and pictures.
+
+    8-bit files are decoded by Pillow (photographs converted per in_chans);
+    16-bit and float images are scaled by their range first, never clipped to white.
+    """
+    mode = pil_target_mode(in_chans)
+    if mode is None:
+        raise ImageFormatError(f"{info.path}: a {in_chans}-channel image has no 8-bit Pillow form")
+    if info.kind == "pil" and info.dtype == "uint8":
+        with open(info.path, "rb") as f:
+            image = Image.open(f)
+            image.load()  # decode now, so truncated files fail here
+            return image.convert(mode)
+    pixels = (np.clip(read_unit(info, in_chans), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return Image.fromarray(pixels[0] if in_chans == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+
+
+def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, where: str = "") -> list:
+    """Headers of up to `limit` of `files`, spread over the list (first included); all must agree.
+
+    Returns the readable ones (unreadable files are left to training to skip and report); raises
+    ImageFormatError naming the first file whose channels or bit depth differ from the first readable one.
+    """
+    picks = np.unique(np.linspace(0, len(files) - 1, min(limit, len(files))).round().astype(int))
+    infos = []
+    for i in picks:
+        try:
+            infos.append(read_info(files[i], layout, in_chans))
+        except (OSError, Image.DecompressionBombError):
+            continue
+    if not infos:
+        raise ImageFormatError(f"none of the {len(picks)} files checked in {where} is a readable image, "
+                               f"e.g. {files[0]}")
+    for info in infos:
+        try:
+            check_compatible(info, in_chans, infos[0].dtype)
+        except ImageFormatError as e:
+            raise ImageFormatError(f"{e} (first file: {infos[0].path}, {infos[0].describe()})") from None
+    return infos
+
+
+def read_unit(info: ImageInfo, in_chans: int) -> np.ndarray:
+    """The whole image as a float32 (C, H, W) array in [0, 1] (integers scaled by their dtype's maximum)."""
+    return scale_to_unit(read_array(info, in_chans))
+
+
+# ---------------------------------------------------------------- crops
+def dct_scale(box_h: int, box_w: int, out_h: int, out_w: int) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4 or 8) that keeps the crop at least out_h x out_w pixels."""
+    for k in (8, 4, 2):
+        if box_h >= k * out_h and box_w >= k * out_w:
+            return k
+    return 1
+
+
+def pil_crop(image: Image.Image, box: Tuple[int, int, int, int], size: int, in_chans: int,
+             fast: bool = True) -> Image.Image:
+    """Crop `box` = (top, left, height, width), given in full-image pixels, and resize it to size x size (bicubic).
+
+    `image` must be opened and not yet loaded. For JPEGs (with `fast`) it is
+    decoded at the largest DCT reduction that keeps the crop at least
+    size x size (`Image.draft`); the box is mapped onto the smaller image
+    with sub-pixel precision, so the crop covers the same part of the photo.
+    """
+    top, left, h, w = box
+    full_w, full_h = image.size
+    mode = pil_target_mode(in_chans)
+    if fast and image.format == "JPEG":
+        k = dct_scale(h, w, size, size)
+        if k > 1:
+            image.draft(mode if mode == "L" else "RGB", (full_w // k, full_h // k))
+    if mode is not None and image.mode not in (mode, "L"):
+        image = image.convert(mode)  # palette, CMYK, RGBA...: convert before resampling
+    sx, sy = image.width / full_w, image.height / full_h
+    out = image.resize((size, size), Image.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+    if mode is not None and out.mode != mode:
+        out = out.convert(mode)  # grey -> RGB after resampling: the same pixels, a third of the work
+    return out
+
+
+def array_crop(array: torch.Tensor, box: Tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """Crop (C, H, W) float `array` to `box` and resize to size x size (bicubic, antialiased, not clamped)."""
+    top, left, h, w = box
+    crop = array[None, :, top:top + h, left:left + w].float()
+    if (h, w) == (size, size):
+        return crop[0]
+    return torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False,
+                                           antialias=True)[0]
