@@ -27,6 +27,11 @@ FCMAE checkpoint (fcmae/init_weights.py); a checkpoint to resume in
 output_dir wins over --init.
 """
 
+if __name__ == "__main__":  # first thing: a stop signal during the slow imports below must not kill us
+    from fcmae.runtime.signals import install_stop_handler
+
+    install_stop_handler()
+
 import os
 from pathlib import Path
 from typing import Any, Dict

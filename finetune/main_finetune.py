@@ -27,6 +27,11 @@ checkpoint's config; else ImageNet's for 3-channel 8-bit data and computed
 (auto) otherwise. The values used are stored in config.yaml and checkpoints.
 """
 
+if __name__ == "__main__":  # first thing: a stop signal during the slow imports below must not kill us
+    from fcmae.runtime.signals import install_stop_handler
+
+    install_stop_handler()
+
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -43,6 +48,7 @@ from fcmae.runtime.config import dump_config
 from fcmae.runtime.device import configure_device, model_compiler
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
+from fcmae.runtime.signals import ignore_stop_signals
 from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, precision_note, seed_everything, train_loader
 from finetune import data as ftdata
 from finetune.config import FinetuneConfig, resolve_config as _resolve
@@ -155,7 +161,7 @@ def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: O
 def val_loader(cfg: FinetuneConfig, val, info: distributed.DistInfo) -> DataLoader:
     sampler = ftdata.ShardSampler(len(val), info.rank, info.world_size)
     return DataLoader(val, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                      pin_memory=info.device.type == "cuda")
+                      pin_memory=info.device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
 
 # ---------------------------------------------------------------- checkpoints

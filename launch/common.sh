@@ -12,7 +12,9 @@
 #   - the plan is printed (and bad input stops) before several processes start;
 #     with --dry_run (any form the command accepts) nothing is started.
 # $PYTHON picks the interpreter (default: python).
+# The launcher replaces the shell (exec), so that a signal to the shell reaches
+# it: it passes stop signals on to every training process and waits for them.
 
 fcmae_launch() {
-    "${PYTHON:-python}" -m fcmae.runtime.launch "$@"
+    exec "${PYTHON:-python}" -m fcmae.runtime.launch "$@"
 }

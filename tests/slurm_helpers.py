@@ -196,14 +196,14 @@ def wait_for_step(out_dir: Path, step: int, job: str, timeout: float, output: Op
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    from fcmae import checkpoint as ckpt
+    from fcmae.runtime import checkpoint as ckpt
 
     return ckpt.find_latest_checkpoint(out_dir)
 
 
 def checkpoint_step(out_dir: Path) -> Optional[int]:
     """The optimizer step of the newest checkpoint in `out_dir` (None if there is none)."""
-    from fcmae import checkpoint as ckpt
+    from fcmae.runtime import checkpoint as ckpt
 
     path = latest_checkpoint(out_dir)
     return None if path is None else int(ckpt.load_checkpoint(path)["step"])

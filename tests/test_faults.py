@@ -169,14 +169,37 @@ def test_signal_to_the_process_group_with_loader_workers_saves(image_dir, tmp_pa
     assert step is not None and step >= seen, f"newest checkpoint at step {step}, the stop came at {seen}"
 
 
-def test_signal_to_the_launcher_reaches_the_training_and_is_awaited(image_dir, tmp_path):
-    """SIGTERM to launch/pretrain.sh alone: the training saves and ends, and the launcher waits for it."""
+def training_processes(pid):
+    """`pid` and its descendants that run the training command, not the launcher, torchrun or loader workers."""
+    def argv(p):
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return []
+
+    def trains(p):
+        a = argv(p)
+        return "fcmae.main_pretrain" in a and "fcmae.runtime.launch" not in a and "torch.distributed.run" not in a
+
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if trains(p):
+            found.append(p)  # its own children are its loader workers
+        else:
+            todo.extend(children(p))
+    return found
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["python", "torchrun"])
+def test_signal_to_the_launcher_reaches_the_training_and_is_awaited(image_dir, tmp_path, processes):
+    """SIGTERM to launch/pretrain.sh alone: every training process saves and ends, and the launcher waits."""
     out = tmp_path / "out"
-    proc = start_launcher(tiny_args(image_dir, out, epochs=50, workers=1), tmp_path)
+    proc = _start(["env", f"NPROC_PER_NODE={processes}", "bash", str(LAUNCH),
+                   *map(str, tiny_args(image_dir, out, epochs=50, workers=1))], tmp_path)
     seen = wait_for_step(proc, out, 2)
-    training = [p for p in [proc.pid, *children(proc.pid)] if "main_pretrain" in
-                Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-    assert training, "no training process found under the launcher"
+    training = training_processes(proc.pid)
+    assert len(training) == processes, f"training processes under the launcher: {training}"
     proc.send_signal(signal.SIGTERM)
     code, text = finish(proc)
     orphans = [p for p in training if alive(p)]
@@ -184,9 +207,10 @@ def test_signal_to_the_launcher_reaches_the_training_and_is_awaited(image_dir, t
         os.kill(p, signal.SIGKILL)
     assert not orphans, f"the launcher exited ({code}) and left the training running: pids {orphans}"
     assert code == 0, f"exit code {code}:\n{text[-3000:]}"
-    assert "stopped by SIGTERM" in text, text[-3000:]
+    assert text.count("stopped by SIGTERM") == 1 and "Traceback" not in text, text[-3000:]
     step = newest_step(out)
     assert step is not None and step >= seen
+    assert ckpt.load_checkpoint(out / "checkpoint-last.pth")["world_size"] == processes
 
 
 

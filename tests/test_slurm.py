@@ -123,13 +123,18 @@ def test_world_size_comes_from_the_allocation(reference):
 
 @pytest.mark.parametrize("full", [False, True], ids=["steps", "full"])
 def test_scancel_term_saves_and_a_resubmission_resumes_exactly(reference, image_dir, tmp_path, jobs, full):
-    """`scancel --signal=TERM [--full]`: every rank saves at the next step; the same command resumes."""
+    """`scancel --signal=TERM [--full]`: every rank saves at the next step; the same command resumes.
+
+    Without --full the tasks receive the SIGTERM themselves. With --full only the batch step is signalled:
+    the launcher (the batch shell) passes it on through srun as SIGUSR1, the one signal srun forwards
+    rather than turning into a SIGKILL of the tasks.
+    """
     out = tmp_path / "out"
     job, log = submit(jobs, tmp_path, image_dir, out, "--no-requeue")
     seen = slurm.wait_for_step(out, 2, job, JOB_TIMEOUT, log)
     slurm.scancel(job, "TERM", full=full)
     info, text = finish(job, log)
-    assert_stopped_with_checkpoint(out, seen, text, "SIGTERM")
+    assert_stopped_with_checkpoint(out, seen, text, "SIGUSR1" if full else "SIGTERM")
     assert info.get("JobState") == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{text[-3000:]}"
 
     job, log = submit(jobs, tmp_path, image_dir, out, "--no-requeue")

@@ -8,10 +8,12 @@
     plan        Plan, make_plan(): per-GPU batch, accumulation, effective batch, lr, steps
     checkpoint  save/load (weights_only), keep-newest-N, auto-resume, RNG state
     distributed process group set-up from torchrun's or SLURM's variables
-    signals     SIGTERM / SIGUSR1 requests to stop
+    signals     SIGTERM / SIGUSR1 requests to stop; loader workers ignore them
+    slurm       what is read from SLURM (tasks per node, rank variables), self-requeue
     logs        progress lines, log.jsonl, TensorBoard
     schedule    warmup + cosine lr per optimizer step
     trainer     Trainer (the epoch loop), RunState, LoopSettings
     command     Command (command line -> config -> dry run or run; errors -> exit codes)
-    launch      `python -m fcmae.runtime.launch MODULE ...`: world size, launcher, dry run
+    launch      `python -m fcmae.runtime.launch MODULE ...`: world size, launcher, dry run, signals passed on
+    detach      runs srun outside the batch shell's process tree (for `scancel --full`)
 """

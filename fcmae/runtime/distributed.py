@@ -6,7 +6,10 @@ group is initialised from the environment that the launcher leaves:
 - torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 - SLURM (srun, one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
   with MASTER_ADDR/MASTER_PORT exported by fcmae/runtime/launch.py (or the first
-  host of SLURM_JOB_NODELIST and port 29500 when unset);
+  host of SLURM_JOB_NODELIST and port 29500 when unset). Only inside an srun
+  step (or with the launcher's FCMAE_SLURM_RANKS=1): the batch shell of
+  `sbatch --ntasks-per-node 8` has SLURM_PROCID=0 and SLURM_NTASKS=8 too, and
+  a plain `python -m ...` there is one process (fcmae/runtime/slurm.py);
 - neither: a single process, no process group.
 
 NCCL is used on CUDA devices, gloo on CPU. A collective that waits longer
@@ -28,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from fcmae.runtime import slurm
 from fcmae.runtime.config import ConfigError
 
 
@@ -61,10 +65,13 @@ def env_rank_info(env: Optional[Mapping[str, str]] = None) -> Dict[str, int]:
             "world_size": int(env["WORLD_SIZE"]),
             "local_rank": int(env.get("LOCAL_RANK", 0)),
         }
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    if slurm.rank_variables_apply(env):
+        tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+        if tasks <= 1:
+            return {"rank": 0, "world_size": 1, "local_rank": 0}
         return {
             "rank": int(env["SLURM_PROCID"]),
-            "world_size": int(env["SLURM_NTASKS"]),
+            "world_size": tasks,
             "local_rank": int(env.get("SLURM_LOCALID", 0)),
         }
     return {"rank": 0, "world_size": 1, "local_rank": 0}
@@ -127,7 +134,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistI
         torch.cuda.set_device(dev)
     if info["world_size"] <= 1:
         return DistInfo(0, 1, 0, dev, None)
-    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # SLURM's variables: export torch's for init_method="env://"
         os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info["rank"]), str(info["world_size"])

@@ -10,21 +10,32 @@ A command builds its data, model and optimizer, then (as in main_pretrain.py):
 The loop counts two kinds of steps:
 - iterations: one batch through the model per process;
 - optimizer steps (`step`): one every `update_freq` iterations (gradient
-  accumulation). The lr is set per optimizer step; checkpoints and the stop
-  check happen only at optimizer-step boundaries, so a resumed run continues
-  with exactly the same state.
+  accumulation). The lr is set per optimizer step; checkpoints are taken
+  only at optimizer-step boundaries, so a resumed run continues with exactly
+  the same state.
+
+A stop (SIGTERM / SIGUSR1, fcmae.runtime.signals) is seen after the
+iteration during which it arrived. Between boundaries the run goes back to
+the last one (the partial gradients are dropped; the RNG state and epoch
+loss sums of the boundary are kept for this), so the checkpoint is written
+at once, not `update_freq` iterations later. A stop in an epoch's last
+iteration is saved before the epoch's evaluation (`end_epoch`), which the
+resumed run then does. The process then exits 0; under SLURM with
+`--requeue`, rank 0 first requeues the job (fcmae/runtime/slurm.py).
 
 `should_stop` is the one place where the processes agree on stopping (one
-all-reduce per optimizer step); further reasons to stop go there. A failure
-that one rank meets (a non-finite loss, too many unreadable images: see
-`fail_at_next_check`) is only a flag until then; it is reduced with the stop
-flag, so every rank raises the same error at the same step instead of the
-others waiting in DDP's all-reduce.
+all-reduce per iteration with several processes; with one, a flag read per
+iteration and one host sync per optimizer step); further reasons to stop go
+there. A failure that one rank meets (a non-finite loss, too many unreadable
+images: see `fail_at_next_check`) is only a flag until then; it is reduced
+with the stop flag, so every rank raises the same error at the same step
+instead of the others waiting in DDP's all-reduce.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -37,11 +48,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import distributed
+from fcmae.runtime import distributed, slurm
 from fcmae.runtime.logs import JsonlLogger, ProgressMeter, TensorBoard, log
 from fcmae.runtime.plan import Plan
 from fcmae.runtime.schedule import cosine_lr, set_lr
-from fcmae.runtime.signals import StopRequest
+from fcmae.runtime.signals import STOP, StopRequest, ignore_stop_signals
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,7 +139,8 @@ def train_loader(dataset, plan: Plan, num_workers: int, seed: int, info: distrib
     # workers' RNGs differ between ranks and restarts do not depend on torch's default seed.
     return DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=info.device.type == "cuda", drop_last=True, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed + info.rank))
+                      generator=torch.Generator().manual_seed(seed + info.rank),
+                      worker_init_fn=ignore_stop_signals)  # the main process alone decides when to stop
 
 
 class Trainer:
@@ -162,7 +174,9 @@ class Trainer:
         self.output_dir, self.log_dir, self.config = Path(output_dir), log_dir, config
         self.scaler, self.after_step, self.extra_state = scaler, after_step, extra_state
         self.state = RunState()
-        self.stop = StopRequest()
+        # The process's stop request when a command installed it before its imports; else (in-process
+        # callers such as tests) one of this trainer's own, installed while fit() runs.
+        self.stop = STOP if STOP.installed else StopRequest()
         self._unchecked = []  # (loss tensor, epoch, iteration, optimizer step) since the last stop check
         self._failure: Optional[BaseException] = None  # raised on every rank at the next stop check
         self.jsonl: Optional[JsonlLogger] = None  # set while fit() runs
@@ -244,18 +258,23 @@ class Trainer:
         if self._failure is None:
             self._failure = error
 
-    def should_stop(self) -> bool:
+    def should_stop(self, boundary: bool = True) -> bool:
         """True on every rank once any rank was asked to stop; raises on every rank once any rank failed.
 
-        One all-reduce of [stop requested, non-finite loss, other failure] and
-        one host sync per check. The losses since the last check are added to
-        the epoch's running sum here. When some rank saw a non-finite loss or
-        recorded a failure, every rank raises the lowest such rank's error
-        (NonFiniteLossError, or what `fail_at_next_check` got) with the same message.
+        Called after every iteration (`boundary`: an optimizer step was just
+        taken). With one process and between optimizer steps it only reads the
+        stop flag: no host sync. Otherwise one all-reduce of [stop requested,
+        non-finite loss, other failure] and one host sync; the losses since
+        the last check are added to the epoch's running sum here. When some
+        rank saw a non-finite loss or recorded a failure, every rank raises the
+        lowest such rank's error (NonFiniteLossError, or what
+        `fail_at_next_check` got) with the same message.
         """
         s, state = self.settings, self.state
         if s.exit_after_steps is not None and state.step >= s.exit_after_steps:
             self.stop.request()
+        if self.info.world_size == 1 and not boundary and self._failure is None:
+            return self.stop.received is not None
         pending, self._unchecked = self._unchecked, []
         losses = torch.stack([loss for loss, *_ in pending]) if pending else torch.zeros(0, device=self.device)
         flags = torch.tensor([float(self.stop.received is not None), 0.0, float(self._failure is not None)])
@@ -296,8 +315,9 @@ class Trainer:
 
         After each epoch `end_epoch(mean train loss over processes)` writes the
         command's summary (self.jsonl and self.tb are open), then the state
-        moves to the next epoch and the epoch checkpoint is saved. log.jsonl
-        records after the resumed step are dropped first.
+        moves to the next epoch and the epoch checkpoint is saved. A stop is
+        saved before `end_epoch`. log.jsonl records after the resumed step are
+        dropped first.
         """
         main, s = self.info.is_main, self.settings
         self.jsonl = JsonlLogger(self.output_dir / "log.jsonl", enabled=main)
@@ -305,31 +325,29 @@ class Trainer:
         self.tb = TensorBoard(self.log_dir, enabled=main, purge_step=self.state.step or None)
         progress = ProgressMeter(s.epochs * s.iters_per_epoch, s.images_per_iter,
                                  start_step=self.state.epoch * s.iters_per_epoch + self.state.iteration, enabled=main)
+        installed_here = not self.stop.installed
         self.stop.install()
         try:
             while self.state.epoch < s.epochs:
                 loader.sampler.set_epoch(self.state.epoch, start_batch=self.state.iteration)
                 loader.dataset.set_epoch(self.state.epoch)
-                finished = self.train_one_epoch(loader, progress)
-                if self.state.iteration >= s.iters_per_epoch:
-                    local = self.state.epoch_loss_sum / max(self.state.epoch_loss_count, 1)
-                    end_epoch(distributed.all_reduce_mean(local, self._reduce_device()))
-                    self.state.epoch += 1
-                    self.state.iteration = 0
-                    self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
-                    self.save(epoch_done=self.state.epoch)
-                if not finished:
-                    log(f"stopped by {self.stop.signal_name or 'request'} at epoch {self.state.epoch + 1}, step "
-                        f"{self.state.step}; checkpoint saved in {self.output_dir}. Run the same command again "
-                        "to resume.")
+                if not self.train_one_epoch(loader, progress):
+                    self._stop_and_save()
                     return False
+                local = self.state.epoch_loss_sum / max(self.state.epoch_loss_count, 1)
+                end_epoch(distributed.all_reduce_mean(local, self._reduce_device()))
+                self.state.epoch += 1
+                self.state.iteration = 0
+                self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
+                self.save(epoch_done=self.state.epoch)
         except NonFiniteLossError as e:
             last = ckpt.find_latest_checkpoint(self.output_dir)
             raise NonFiniteLossError(
                 f"{e}. The last good checkpoint ({last or 'none yet'}) is kept; lower the learning rate "
                 "(--blr) or use --amp bf16/off, then run again to resume from it") from None
         finally:
-            self.stop.restore()
+            if installed_here:  # installed by a command's early set-up it stays until the process exits
+                self.stop.restore()
             self.tb.close()
         return True
 
@@ -340,12 +358,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = cosine_lr(state.step, s.total_steps, s.warmup_steps, s.lr, s.min_lr)
         step_losses = []  # this optimizer step's micro-batch losses (on the device)
+        last_boundary = None  # what a stop between optimizer steps goes back to
         for batch in loader:
             if state.iteration >= s.iters_per_epoch:
                 break
             if state.iteration % s.update_freq == 0:
                 lr = cosine_lr(state.step, s.total_steps, s.warmup_steps, s.lr, s.min_lr)
                 set_lr(self.optimizer, lr)
+                if s.update_freq > 1:
+                    last_boundary = (state.iteration, state.epoch_loss_sum, state.epoch_loss_count, ckpt.rng_state())
             boundary = (state.iteration + 1) % s.update_freq == 0
             sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else nullcontext()
             with sync:
@@ -357,18 +378,37 @@ class Trainer:
                 loss = loss / s.update_freq
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             state.iteration += 1
-            if not boundary:
-                continue
-            self._optimizer_step()
-            stop = self.should_stop()  # before the progress line, which a non-finite loss must not reach
-            if state.iteration % (s.print_every * s.update_freq) == 0 or state.iteration == s.iters_per_epoch:
-                self._log_progress(progress, torch.stack(step_losses).mean(), lr)
-            step_losses = []
+            if boundary:
+                self._optimizer_step()
+            stop = self.should_stop(boundary)  # before the progress line, which a non-finite loss must not reach
+            if boundary:
+                if state.iteration % (s.print_every * s.update_freq) == 0 or state.iteration == s.iters_per_epoch:
+                    self._log_progress(progress, torch.stack(step_losses).mean(), lr)
+                step_losses = []
             if stop:
-                if state.iteration < s.iters_per_epoch:
-                    self.save()  # mid-epoch; at the end of an epoch fit() saves the epoch checkpoint
+                if not boundary:
+                    self._back_to(last_boundary)
                 return False
         return True
+
+    def _back_to(self, boundary) -> None:
+        """Drop the iterations since the last optimizer step (their gradients, RNG draws and losses)."""
+        state = self.state
+        state.iteration, state.epoch_loss_sum, state.epoch_loss_count, rng = boundary
+        self._unchecked = []  # losses of the dropped iterations (single process: not yet checked)
+        ckpt.set_rng_state(rng)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _stop_and_save(self) -> None:
+        """Save the stopped run (every rank), say so, and under SLURM let rank 0 requeue the job."""
+        self.save()
+        log(f"stopped by {self.stop.signal_name or 'request'} at epoch {self.state.epoch + 1}, iteration "
+            f"{self.state.iteration}, step {self.state.step}; checkpoint saved in {self.output_dir}. Run the same "
+            "command again to resume.")
+        if self.info.is_main and self.stop.received is not None:
+            note = slurm.requeue_if_running(os.environ)
+            if note:
+                log(note)
 
     def _optimizer_step(self) -> None:
         clip = self.settings.clip_grad
