@@ -25,6 +25,7 @@ Decisions that every rank must share are made once and agreed on:
 import datetime
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -230,6 +231,14 @@ def first_error(error: Optional[BaseException]) -> Optional[Tuple[int, BaseExcep
 
 
 def cleanup() -> None:
-    """Destroy the process group if one was created."""
-    if is_dist():
+    """Destroy the process group if one was created, unless an error is on its way out.
+
+    When every rank stops on the same agreed error, the ranks leave their last
+    collective at slightly different moments; destroying the group then races
+    the peers' closing connections, and gloo can abort the process (SIGABRT,
+    "terminate called without an active exception") instead of letting it
+    exit with the error's code. The process exits right after, which frees
+    the group anyway.
+    """
+    if is_dist() and sys.exc_info()[1] is None:
         dist.destroy_process_group()
