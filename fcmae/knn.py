@@ -265,7 +265,7 @@ class KnnMonitor:
 
     def evaluate(self, model: torch.nn.Module) -> Dict[str, float]:
         """{"top1", "top5", "count"} of `model.encoder` (an FCMAE without DDP), unmasked, in eval mode."""
-        from fcmae.runtime.trainer import autocast_context
+        from fcmae.runtime.device import autocast_context
 
         was_training = model.training
         model.eval()

@@ -53,12 +53,11 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, resume_checkpoint
 from fcmae.runtime.config import dump_config
-from fcmae.runtime.device import configure_device, model_compiler
+from fcmae.runtime.device import autocast_context, configure_device, grad_scaler, model_compiler, precision_note
+from fcmae.runtime.loader import seed_everything, train_loader
 from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan, make_plan, plan_lines
-from fcmae.runtime.trainer import (
-    LoopSettings, Trainer, autocast_context, grad_scaler, precision_note, seed_everything, train_loader,
-)
+from fcmae.runtime.trainer import LoopSettings, Trainer
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss", "in_chans")

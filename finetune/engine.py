@@ -9,7 +9,7 @@ from typing import Dict
 import torch
 
 from fcmae.runtime import distributed
-from fcmae.runtime.trainer import autocast_context
+from fcmae.runtime.device import autocast_context
 
 
 @torch.no_grad()

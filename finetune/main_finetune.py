@@ -45,11 +45,12 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint, resume_checkpoint
 from fcmae.runtime.config import dump_config
-from fcmae.runtime.device import configure_device, model_compiler
+from fcmae.runtime.device import configure_device, grad_scaler, model_compiler, precision_note
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
 from fcmae.runtime.signals import ignore_stop_signals
-from fcmae.runtime.trainer import LoopSettings, Trainer, grad_scaler, precision_note, seed_everything, train_loader
+from fcmae.runtime.loader import seed_everything, train_loader
+from fcmae.runtime.trainer import LoopSettings, Trainer
 from finetune import data as ftdata
 from finetune.config import FinetuneConfig, resolve_config as _resolve
 from finetune.convert import ConversionError

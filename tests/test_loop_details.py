@@ -15,7 +15,7 @@ from fcmae import main_pretrain
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime.distributed import DistInfo
 from fcmae.runtime.logs import read_jsonl
-from fcmae.runtime.trainer import train_loader
+from fcmae.runtime.loader import train_loader
 from finetune import main_finetune
 from tests.helpers import CPU_ARGS, TINY_ARGS, write_images
 

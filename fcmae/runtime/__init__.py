@@ -13,6 +13,8 @@
     logs        progress lines, log.jsonl, TensorBoard
     schedule    warmup + cosine lr per optimizer step
     trainer     Trainer (the epoch loop), RunState, LoopSettings
+    loader      the training loader (resumable shard order, workers ignore stop signals), seeds
+    device      CUDA defaults (TF32, cudnn.benchmark, fused AdamW), torch.compile, autocast and loss scaler
     command     Command (command line -> config -> dry run or run; errors -> exit codes)
     launch      `python -m fcmae.runtime.launch MODULE ...`: world size, launcher, dry run, signals passed on
     detach      runs srun outside the batch shell's process tree (for `scancel --full`)

@@ -25,12 +25,13 @@ C) maps for `dense-masked`; sparse/sites.py), so the format has nothing to
 change there. Fine-tuning's dense timm model could use it, but timm's
 ConvNeXt block permutes to channels-last around its norm and MLP itself,
 and the gain is unmeasured. Pinned memory with non_blocking copies is
-the loaders' part (`fcmae.runtime.trainer.train_loader`, the commands' loss
+the loaders' part (`fcmae.runtime.loader.train_loader`, the commands' loss
 functions, finetune/engine.py's evaluation).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -94,3 +95,23 @@ def model_compiler(cfg, device: torch.device) -> Optional[Callable[[nn.Module], 
         return None
     check_compile_backend(cfg.compile_backend)
     return lambda model: compile_model(model, cfg.compile_backend)
+
+
+# ---------------------------------------------------------------- precision
+def autocast_context(device: torch.device, amp: str):
+    """bf16 / fp16 autocast on CUDA; nothing on CPU or when amp is off."""
+    if device.type != "cuda" or amp == "off":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def precision_note(device: torch.device, amp: str) -> Optional[str]:
+    """The line that says a requested mixed precision has no effect (on CPU), or None."""
+    if device.type != "cuda" and amp != "off":
+        return f"note: --amp {amp} has no effect on {device.type}; training in fp32"
+    return None
+
+
+def grad_scaler(device: torch.device, amp: str) -> Optional[torch.amp.GradScaler]:
+    """A loss scaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler("cuda") if (device.type == "cuda" and amp == "fp16") else None

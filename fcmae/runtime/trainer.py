@@ -36,23 +36,22 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, slurm
+from fcmae.runtime.device import autocast_context
 from fcmae.runtime.logs import JsonlLogger, ProgressMeter, TensorBoard, log
 from fcmae.runtime.plan import Plan
 from fcmae.runtime.schedule import cosine_lr, set_lr
-from fcmae.runtime.signals import STOP, StopRequest, ignore_stop_signals
+from fcmae.runtime.signals import STOP, StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,48 +98,6 @@ class LoopSettings:
         return cls(cfg.epochs, plan.iters_per_epoch, plan.update_freq, plan.lr, cfg.min_lr, plan.warmup_steps,
                    plan.total_steps, plan.images_per_iter, cfg.amp, cfg.print_every, cfg.save_every,
                    cfg.keep_checkpoints, cfg.clip_grad, cfg.exit_after_steps)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (callers add the rank so processes differ)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def autocast_context(device: torch.device, amp: str):
-    """bf16 / fp16 autocast on CUDA; nothing on CPU or when amp is off."""
-    if device.type != "cuda" or amp == "off":
-        return nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def precision_note(device: torch.device, amp: str) -> Optional[str]:
-    """The line that says a requested mixed precision has no effect (on CPU), or None."""
-    if device.type != "cuda" and amp != "off":
-        return f"note: --amp {amp} has no effect on {device.type}; training in fp32"
-    return None
-
-
-def grad_scaler(device: torch.device, amp: str) -> Optional[torch.amp.GradScaler]:
-    """A loss scaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
-    return torch.amp.GradScaler("cuda") if (device.type == "cuda" and amp == "fp16") else None
-
-
-def train_loader(dataset, plan: Plan, num_workers: int, seed: int, info: distributed.DistInfo,
-                 collate_fn=None) -> DataLoader:
-    """This process's shard of the training set, in an order that resumes mid-epoch."""
-    from fcmae.data import ResumableDistributedSampler
-
-    sampler = ResumableDistributedSampler(dataset, plan.batch_size, num_replicas=info.world_size, rank=info.rank,
-                                          shuffle=True, seed=seed)
-    sampler.max_batches = plan.iters_per_epoch
-    # Its own generator keeps the global RNG untouched by the loader; seeded per rank, so that the
-    # workers' RNGs differ between ranks and restarts do not depend on torch's default seed.
-    return DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=info.device.type == "cuda", drop_last=True, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed + info.rank),
-                      worker_init_fn=ignore_stop_signals)  # the main process alone decides when to stop
 
 
 class Trainer:
