@@ -53,7 +53,7 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, resume_checkpoint
 from fcmae.runtime.config import dump_config
-from fcmae.runtime.device import autocast_context, configure_device, grad_scaler, model_compiler, precision_note
+from fcmae.runtime.device import autocast_context, grad_scaler, model_compiler, precision_note, run_process
 from fcmae.runtime.loader import seed_everything, train_loader
 from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan, make_plan, plan_lines
@@ -163,17 +163,8 @@ def read_init_weights(cfg: PretrainConfig) -> InitWeights:
 # ---------------------------------------------------------------- the run
 def run(cfg: PretrainConfig) -> int:
     """A real run on the processes this one belongs to (see Command.main for --dry_run)."""
-    info = distributed.init_distributed(cfg.device)
-    threads = torch.get_num_threads()
-    try:
-        configure_device(info.device, cfg.tf32)
-        if info.device.type == "cpu" and cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
-        with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
-            return _train(cfg, info)
-    finally:
-        torch.set_num_threads(threads)  # matters when called in-process (tests, notebooks)
-        distributed.cleanup()
+    with run_process(cfg) as info, lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
+        return _train(cfg, info)
 
 
 def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:

@@ -35,7 +35,6 @@ if __name__ == "__main__":  # first thing: a stop signal during the slow imports
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 from torch.utils.data import DataLoader
 
 import sparse
@@ -45,7 +44,7 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint, resume_checkpoint
 from fcmae.runtime.config import dump_config
-from fcmae.runtime.device import configure_device, grad_scaler, model_compiler, precision_note
+from fcmae.runtime.device import grad_scaler, model_compiler, precision_note, run_process
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
 from fcmae.runtime.signals import ignore_stop_signals
@@ -193,19 +192,11 @@ def load_weights(model, checkpoint: Dict[str, Any], path) -> None:
 # ---------------------------------------------------------------- the run
 def run(cfg: FinetuneConfig) -> int:
     """A real run (training, or evaluation with --eval); see Command.main for --dry_run."""
-    info = distributed.init_distributed(cfg.device)
-    threads = torch.get_num_threads()
-    try:
-        configure_device(info.device, cfg.tf32)
-        if info.device.type == "cpu" and cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
+    with run_process(cfg) as info:
         if cfg.eval:
             return _evaluate_only(cfg, info)
         with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
             return _train(cfg, info)
-    finally:
-        torch.set_num_threads(threads)  # matters when called in-process (tests, notebooks)
-        distributed.cleanup()
 
 
 def _new_model(cfg: FinetuneConfig, num_classes: int):

@@ -15,6 +15,17 @@
 # The launcher replaces the shell (exec), so that a signal to the shell reaches
 # it: it passes stop signals on to every training process and waits for them.
 
+# fcmae_usage USAGE EXAMPLE "$@": stop with the usage unless the first two arguments are positionals.
+fcmae_usage() {
+    local usage="$1" example="$2"
+    shift 2
+    if (( $# < 2 )) || [[ "$1" == -* || "$2" == -* ]]; then
+        echo "usage: $usage" >&2
+        echo "  e.g. $example" >&2
+        exit 2
+    fi
+}
+
 fcmae_launch() {
     exec "${PYTHON:-python}" -m fcmae.runtime.launch "$@"
 }

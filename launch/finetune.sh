@@ -24,11 +24,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=common.sh
 source "$here/common.sh"
 
-if (( $# < 2 )) || [[ "$1" == -* || "$2" == -* ]]; then
-    echo "usage: launch/finetune.sh SIZE CHECKPOINT [--key value ...]   (CHECKPOINT may be 'none')" >&2
-    echo "  e.g. launch/finetune.sh atto output/pretrain/atto_demo/checkpoint-last.pth --demo" >&2
-    exit 2
-fi
+fcmae_usage "launch/finetune.sh SIZE CHECKPOINT [--key value ...]   (CHECKPOINT may be 'none')" \
+    "launch/finetune.sh atto output/pretrain/atto_demo/checkpoint-last.pth --demo" "$@"
 # Run from anywhere: relative paths stay relative to the caller's directory.
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
 fcmae_launch finetune.main_finetune "$@"

@@ -19,11 +19,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=common.sh
 source "$here/common.sh"
 
-if (( $# < 2 )) || [[ "$1" == -* || "$2" == -* ]]; then
-    echo "usage: launch/pretrain.sh SIZE SCHEDULE [--key value ...]" >&2
-    echo "  e.g. launch/pretrain.sh atto demo    or    launch/pretrain.sh huge 800ep --data_path /path/to/imagenet" >&2
-    exit 2
-fi
+fcmae_usage "launch/pretrain.sh SIZE SCHEDULE [--key value ...]" \
+    "launch/pretrain.sh atto demo    or    launch/pretrain.sh huge 800ep --data_path /path/to/imagenet" "$@"
 # Run from anywhere: relative paths stay relative to the caller's directory.
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
 fcmae_launch fcmae.main_pretrain "$@"

@@ -31,12 +31,13 @@ functions, finetune/engine.py's evaluation).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
+from fcmae.runtime import distributed
 from fcmae.runtime.config import ConfigError
 
 
@@ -115,3 +116,25 @@ def precision_note(device: torch.device, amp: str) -> Optional[str]:
 def grad_scaler(device: torch.device, amp: str) -> Optional[torch.amp.GradScaler]:
     """A loss scaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
     return torch.amp.GradScaler("cuda") if (device.type == "cuda" and amp == "fp16") else None
+
+
+# ---------------------------------------------------------------- a run's process
+@contextmanager
+def run_process(cfg) -> Iterator[distributed.DistInfo]:
+    """This process's part of a real run: the process group, device defaults and CPU threads; undone after.
+
+    Args:
+        cfg: the command's config (reads `device`, `tf32`, `cpu_threads`).
+
+    Yields the DistInfo (rank, world size, device).
+    """
+    info = distributed.init_distributed(cfg.device)
+    threads = torch.get_num_threads()
+    try:
+        configure_device(info.device, cfg.tf32)
+        if info.device.type == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        yield info
+    finally:
+        torch.set_num_threads(threads)  # matters when called in-process (tests, notebooks)
+        distributed.cleanup()
