@@ -179,7 +179,8 @@ def training_processes(pid):
 
     def trains(p):
         a = argv(p)
-        return "fcmae.main_pretrain" in a and "fcmae.runtime.launch" not in a and "torch.distributed.run" not in a
+        launchers = ("fcmae.runtime.launch", "fcmae.runtime.torchrun", "torch.distributed.run")
+        return "fcmae.main_pretrain" in a and not any(name in a for name in launchers)
 
     found, todo = [], [pid]
     while todo:

@@ -204,9 +204,10 @@ def test_two_processes_give_the_single_process_knn(tmp_path):
     data = make_folder(tmp_path / "data", per_class=(5, 3))  # 15 train, 9 val: uneven shards
     single = _evaluate(data)
     results = mp.Manager().dict()
-    # fork: the children start with everything imported (spawn would import torch and timm again, slowly).
+    # spawn, not fork: this process has already run autograd (here, and in earlier tests of the suite),
+    # and a forked child cannot run backward after that.
     mp.start_processes(_two_ranks, args=(data, tmp_path / "init", results), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     for rank in (0, 1):
         got = results[rank]
         assert got["knn"] == single["knn"]  # the same neighbours: the whole training set is gathered
