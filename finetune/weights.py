@@ -42,8 +42,13 @@ def _numpy_globals() -> list:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a dependency
         return []
-    core = getattr(np, "_core", None) or np.core
-    found = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    import importlib
+
+    try:  # numpy 2 (numpy 1.26 also has it, as a shim that must be imported by name)
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    found = [multiarray._reconstruct, np.ndarray, np.dtype]
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by class
     if dtypes is not None:
         found += [getattr(dtypes, name) for name in dir(dtypes)
