@@ -7,16 +7,16 @@ setup(
     "sparse-to-dense conversion and fine-tuning",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    # torch, torchvision and timm: the versions the whole test suite passes with (CI's pins; README,
-    # "Tested versions": torch 2.3.1 and 2.6.0 fail it). The sources alone need Python 3.8 (vermin,
-    # checked in .ci/run); timm needs 3.9.
+    # Every lower bound is the lowest version the whole test suite passed with (README, "Tested
+    # versions": torch 2.6.0, torchvision 0.21.0, timm 1.0.21, numpy 1.26.4; torch 2.3.1 fails it).
+    # The sources alone need Python 3.8 (vermin, checked in .ci/run); timm needs 3.9.
     python_requires=">=3.9",
     packages=find_packages(include=["sparse", "sparse.*", "fcmae", "fcmae.*", "finetune", "finetune.*"]),
     include_package_data=True,
     install_requires=[
-        "torch>=2.14.1",
-        "torchvision>=0.29.1",
-        "timm>=1.0.31",
+        "torch>=2.6.0",
+        "torchvision>=0.21.0",
+        "timm>=1.0.21",
         "numpy>=1.26.4",
         "tensorboard>=2.21",
         "pyyaml>=6.0.3",

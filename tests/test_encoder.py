@@ -1,4 +1,4 @@
-"""The sparse encoder's contract (DESIGN.md, 'Equivalence is the contract').
+"""The sparse encoder's contract (README, 'Tested contract').
 
 1. nothing masked: sparse encoder == timm's dense convnextv2 features;
 2. any mask: `torch` backend == `dense-masked` reference at visible sites,
