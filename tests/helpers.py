@@ -61,3 +61,24 @@ def random_mask(batch: int, num_patches: int, num_masked: int, seed: int) -> tor
     """(N, L) float mask, 1 = masked, exactly num_masked masked patches per image (seeded)."""
     gen = torch.Generator().manual_seed(seed)
     return masking.random_mask(batch, num_patches, num_masked=num_masked, generator=gen)
+
+
+def build_with_nan_loss(real_build, at_call: int):
+    """A `build_fcmae` whose model's training loss turns NaN at its `at_call`-th training forward."""
+
+    def build_with_nan(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        forward, calls = model.forward, {"n": 0}
+
+        def nan_forward(imgs, mask=None):
+            loss, pred, mask = forward(imgs, mask)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] == at_call:
+                    loss = loss * float("nan")
+            return loss, pred, mask
+
+        model.forward = nan_forward
+        return model
+
+    return build_with_nan

@@ -25,23 +25,9 @@ RANK = int(os.environ["RANK"])
 
 def nan_on_rank_1() -> None:
     from fcmae import main_pretrain
+    from tests.helpers import build_with_nan_loss
 
-    real_build = main_pretrain.build_fcmae
-
-    def build_with_nan(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        forward, calls = model.forward, {"n": 0}
-
-        def nan_forward(imgs, mask=None):
-            loss, pred, mask = forward(imgs, mask)
-            if model.training:
-                calls["n"] += 1
-                if calls["n"] == 6:
-                    loss = loss * float("nan")
-            return loss, pred, mask
-
-        model.forward = nan_forward
-        return model
+    build_with_nan = build_with_nan_loss(main_pretrain.build_fcmae, at_call=6)
 
     if RANK == 1:
         main_pretrain.build_fcmae = build_with_nan

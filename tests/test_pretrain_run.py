@@ -15,7 +15,7 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae import main_pretrain
 from fcmae.runtime.trainer import NonFiniteLossError
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import TINY_ARGS, write_images
+from tests.helpers import TINY_ARGS, build_with_nan_loss, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,22 +94,7 @@ def test_resume_from_epoch_checkpoint_after_a_kill_is_exact(image_dir, tmp_path,
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_dir, tmp_path, monkeypatch):
-    real_build = main_pretrain.build_fcmae
-
-    def build_with_nan(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        forward, calls = model.forward, {"n": 0}
-
-        def nan_forward(imgs, mask=None):
-            loss, pred, mask = forward(imgs, mask)
-            if model.training:
-                calls["n"] += 1
-                if calls["n"] == 9:
-                    loss = loss * float("nan")
-            return loss, pred, mask
-
-        model.forward = nan_forward
-        return model
+    build_with_nan = build_with_nan_loss(main_pretrain.build_fcmae, at_call=9)
 
     monkeypatch.setattr(main_pretrain, "build_fcmae", build_with_nan)
     out = tmp_path / "out"
