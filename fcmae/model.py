@@ -18,23 +18,45 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 
 import sparse
 from fcmae.masking import PATCH_SIZE, check_mask_ratio, num_kept, patchify, random_mask, unpatchify
+from sparse.depthwise import DepthwiseConv2d
 from sparse.encoder import is_compiling
+from sparse.grn import GlobalResponseNorm
 
 
 def _patch_mean_std(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch mean and std (unbiased variance + 1e-6) of (N, L, D) patches: norm_pix_loss's statistics."""
-    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+    """Per-patch mean and std (unbiased variance + 1e-6) of (N, L, D) patches: norm_pix_loss's statistics.
+
+    The variance is written out: on CPU, torch's `var` over the last axis took
+    30 times as long as these two passes (9 ms against 0.3 ms for atto's
+    batch of 16 at 224 pixels).
+    """
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = (patches - mean).square().sum(dim=-1, keepdim=True) / (patches.shape[-1] - 1)
+    return mean, (var + 1.0e-6) ** 0.5
 
 
 # Kernels the reference release initialises with trunc_normal_'s default std (1.0): stem, depthwise and
 # pointwise kernels, proj and pred; the decoder's pointwise layers keep their init.
 _REFERENCE_INIT = re.compile(r"^(encoder\.stem\.0|encoder\..*\.(conv_dw|mlp\.fc[12])|decoder\.\d+\.conv_dw|proj|pred)"
                              r"\.weight$")
+
+
+def _decoder_block(dim: int) -> ConvNeXtBlock:
+    """timm's ConvNeXt V2 block with two drop-in parts that are faster on CPU (same parameters and names).
+
+    sparse/depthwise.py's DepthwiseConv2d (the depthwise weight gradient as
+    one grouped conv) and sparse/grn.py's GRN (a hand-written backward).
+    """
+    block = ConvNeXtBlock(dim, ls_init_value=None, use_grn=True, conv_mlp=False)
+    block.conv_dw = DepthwiseConv2d(dim)
+    block.mlp.grn = GlobalResponseNorm(block.mlp.grn.weight.numel())
+    return block
 
 
 class FCMAE(nn.Module):
@@ -80,10 +102,7 @@ class FCMAE(nn.Module):
         self.encoder = encoder
         self.proj = nn.Conv2d(encoder.num_features, decoder_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
-        self.decoder = nn.Sequential(*[
-            ConvNeXtBlock(decoder_dim, ls_init_value=None, use_grn=True, conv_mlp=False)
-            for _ in range(decoder_depth)
-        ])
+        self.decoder = nn.Sequential(*[_decoder_block(decoder_dim) for _ in range(decoder_depth)])
         self.pred = nn.Conv2d(decoder_dim, patch_size * patch_size * in_chans, kernel_size=1)
 
         nn.init.normal_(self.mask_token, std=0.02)
@@ -120,13 +139,18 @@ class FCMAE(nn.Module):
         return random_mask(imgs.shape[0], gh * gw, self.mask_ratio, device=imgs.device, generator=generator)
 
     def forward_decoder(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder map (N, C, gh, gw) -> predictions (N, L, p*p*3)."""
-        x = self.proj(features)
-        n, _, gh, gw = x.shape
-        m = mask.reshape(n, 1, gh, gw).to(x.dtype)
-        x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
-        x = self.pred(self.decoder(x))  # (N, p*p*3, gh, gw)
-        return x.flatten(2).transpose(1, 2)
+        """Encoder map (N, C, gh, gw) -> predictions (N, L, p*p*3).
+
+        `proj` and `pred` are 1x1 convs (the reference release's parameter
+        shapes), computed as Linear layers on channels-last sites: on CPU the
+        same product takes about 0.6x the time of a 1x1 conv on an NCHW map.
+        """
+        n, _, gh, gw = features.shape
+        x = F.linear(features.permute(0, 2, 3, 1), self.proj.weight.flatten(1), self.proj.bias)  # (N, gh, gw, D)
+        m = mask.reshape(n, gh, gw, 1).to(x.dtype)
+        x = x * (1.0 - m) + self.mask_token.to(x.dtype).reshape(1, 1, 1, -1) * m
+        x = self.decoder(x.permute(0, 3, 1, 2))  # (N, D, gh, gw), channels-last memory
+        return F.linear(x.permute(0, 2, 3, 1).reshape(n, gh * gw, -1), self.pred.weight.flatten(1), self.pred.bias)
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, L, p*p*3) patches, normalised per patch when norm_pix_loss."""

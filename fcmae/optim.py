@@ -30,6 +30,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_grn_and_mask_token
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float] = (0.9, 0.95),
                     decay_grn_and_mask_token: bool = False) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; fused (one kernel per step) when every parameter is on CUDA."""
+    """AdamW over `param_groups`; fused (one kernel per step) when every parameter is on one CUDA or CPU device."""
     return torch.optim.AdamW(param_groups(model, weight_decay, decay_grn_and_mask_token), lr=lr,
                              betas=tuple(betas), fused=adamw_fused(model))

@@ -19,6 +19,17 @@ they share one choice, `conv`; the weight gradient has its own:
 - "loop" (weight gradient only): 49 multiply-and-sum passes over the
   windows, one per kernel offset. Many small ops; wins where the windows
   are mostly halo (p = 1, 2) and aten's depthwise weight gradient is slow.
+- "dense-grouped", "windows-grouped" (weight gradient only): the weight
+  gradient written as one *forward* grouped conv (`_grouped_weight_grad`):
+  each (map, channel) pair is a group whose input is the padded map (or
+  halo window) and whose kernel is the output gradient on it; the 7x7
+  outputs are summed over the maps. On CPU aten's depthwise forward kernel
+  is several times faster than its depthwise weight-gradient kernel (about
+  2 ms against 18 ms for tiny's first stage at batch 8), and this form
+  runs the former, over the whole map or over the windows.
+
+`DepthwiseConv2d` (end of this file) applies the grouped weight gradient to
+an ordinary dense depthwise conv; the FCMAE decoder uses it on CPU.
 
 All give the same values up to float rounding (tests/test_depthwise.py).
 `depthwise_method(device_type, p)` is the one place that picks them; the
@@ -41,13 +52,14 @@ import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 KERNEL = 7
 HALO = KERNEL // 2
 
 CONV_METHODS = ("dense", "windows")
-WEIGHT_GRAD_METHODS = ("dense", "windows", "loop")
+WEIGHT_GRAD_METHODS = ("dense", "windows", "loop", "dense-grouped", "windows-grouped")
 
 
 class DepthwiseMethod(NamedTuple):
@@ -59,16 +71,17 @@ class DepthwiseMethod(NamedTuple):
 
 # Fastest method per (device type, sites per patch side), measured with
 # `python -m sparse.bench --mode dwconv` (BENCHMARKS.md, "The depthwise conv's
-# methods"), fp32, 224x224, mask ratio 0.6. CPU: atto b16 and tiny b8, 2
-# threads on a 16-core Xeon and 1 thread (CPU time) on the 2-core AMD EPYC VM,
-# same ranking; at p=1 the loop wins for tiny and ties for atto. CUDA: H100,
+# methods"), fp32, 224x224, mask ratio 0.6. CPU: atto b16, tiny b8 and base b4
+# on the 2-core Xeon VM, 2 threads: the conv over the dense map (windows tie at
+# p = 8, 4), the grouped weight gradient on the windows at p = 8, 4 and on the
+# dense map at p = 2, 1 (1.6-3.4x faster than the best aten method). CUDA: H100,
 # atto b16, tiny b8, base b4: the windows weight gradient is fastest at every
-# stage, the two conv methods tie.
+# stage, the two conv methods tie (the grouped methods have not run on a GPU).
 _DEFAULT_METHODS: Dict[Tuple[str, int], DepthwiseMethod] = {
-    ("cpu", 8): DepthwiseMethod("dense", "windows"),
-    ("cpu", 4): DepthwiseMethod("dense", "dense"),
-    ("cpu", 2): DepthwiseMethod("dense", "dense"),
-    ("cpu", 1): DepthwiseMethod("dense", "loop"),
+    ("cpu", 8): DepthwiseMethod("dense", "windows-grouped"),
+    ("cpu", 4): DepthwiseMethod("dense", "windows-grouped"),
+    ("cpu", 2): DepthwiseMethod("dense", "dense-grouped"),
+    ("cpu", 1): DepthwiseMethod("dense", "dense-grouped"),
     ("cuda", 8): DepthwiseMethod("dense", "windows"),
     ("cuda", 4): DepthwiseMethod("dense", "windows"),
     ("cuda", 2): DepthwiseMethod("dense", "windows"),
@@ -125,17 +138,16 @@ if os.environ.get("SPARSE_DEPTHWISE_METHOD"):
 
 
 # -- the parts -----------------------------------------------------------------
-def halo_windows(dense: torch.Tensor, index: torch.Tensor, p: int) -> torch.Tensor:
-    """(N, H, W, C) zero-filled map -> (N*K, C, p+6, p+6) windows around each kept patch.
+def halo_windows(padded: torch.Tensor, index: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, H+6, W+6, C) zero-padded map -> (N*K, C, p+6, p+6) windows around each kept patch.
 
     `index` comes from `window_index`. The result is a channels-last view
     (memory (N*K, p+6, p+6, C)), the layout aten's CPU depthwise kernels are
     fastest on.
     """
-    n, h, w, c = dense.shape
-    padded = F.pad(dense, (0, 0, HALO, HALO, HALO, HALO)).reshape(n * (h + 2 * HALO) * (w + 2 * HALO), c)
     size = p + 2 * HALO
-    return padded.index_select(0, index).reshape(-1, size, size, c).permute(0, 3, 1, 2)
+    rows = padded.reshape(-1, padded.shape[-1]).index_select(0, index)
+    return rows.reshape(-1, size, size, padded.shape[-1]).permute(0, 3, 1, 2)
 
 
 def window_index(sites, p: int, device: torch.device) -> torch.Tensor:
@@ -175,11 +187,11 @@ def conv_at_patches(sites, x: torch.Tensor, weight: torch.Tensor, bias: Optional
                     method: str, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Depthwise 'same' conv of the zero-filled map of x, at the kept patches: (N, K, p, p, C)."""
     n, _, p, _, channels = x.shape
-    dense = sites._scatter_patches(x)
+    padded = sites._scatter_patches(x, HALO)
     if method == "windows":
         index = window_index(sites, p, x.device) if index is None else index
-        return _to_patches(F.conv2d(halo_windows(dense, index, p), weight, bias, groups=channels), n)
-    out = F.conv2d(dense.permute(0, 3, 1, 2), weight, bias, padding=HALO, groups=channels)
+        return _to_patches(F.conv2d(halo_windows(padded, index, p), weight, bias, groups=channels), n)
+    out = F.conv2d(padded.permute(0, 3, 1, 2), weight, bias, groups=channels)
     return sites._gather_patches(out.permute(0, 2, 3, 1), p)
 
 
@@ -187,14 +199,23 @@ def weight_grad_at_patches(sites, x: torch.Tensor, grad_out: torch.Tensor, weigh
                            method: str, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient of sum(conv_at_patches(x) * grad_out) w.r.t. the (C, 1, 7, 7) weight."""
     n, k, p, _, channels = x.shape
-    dense = sites._scatter_patches(x)
+    padded = sites._scatter_patches(x, HALO)
     if method == "dense":
         grad_dense = sites._scatter_patches(grad_out).permute(0, 3, 1, 2)
         return torch.ops.aten.convolution_backward(
-            grad_dense, dense.permute(0, 3, 1, 2), weight, None, [1, 1], [HALO, HALO], [1, 1], False, [0, 0],
+            grad_dense, padded.permute(0, 3, 1, 2), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
             channels, [False, True, False])[1]
+    if method == "dense-grouped":
+        return _grouped_weight_grad(padded.permute(1, 2, 0, 3).contiguous(), sites._scatter_patches(grad_out),
+                                    channels)
     index = window_index(sites, p, x.device) if index is None else index
-    windows = halo_windows(dense, index, p)
+    if method == "windows-grouped":
+        # The windows, gathered window-site-major: (p+6, p+6, N*K, C) memory.
+        size = p + 2 * HALO
+        windows = padded.reshape(-1, channels).index_select(0, _sites_major(index, size))
+        return _grouped_weight_grad(windows.reshape(size, size, n * k, channels),
+                                    grad_out.reshape(n * k, p, p, channels), channels)
+    windows = halo_windows(padded, index, p)
     if method == "windows":
         return torch.ops.aten.convolution_backward(
             _from_patches(grad_out), windows, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
@@ -204,6 +225,38 @@ def weight_grad_at_patches(sites, x: torch.Tensor, grad_out: torch.Tensor, weigh
     for ky in range(KERNEL):
         for kx in range(KERNEL):
             grad_weight[ky, kx] = (windows[:, :, ky:ky + p, kx:kx + p] * grad_out).sum((0, 1, 2, 3))
+    return grad_weight.permute(2, 0, 1).unsqueeze(1)
+
+
+def _padded_maps_last(dense: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) map -> (H+6, W+6, N, C) zero-padded, image axis next to the channels."""
+    n, h, w, c = dense.shape
+    padded = dense.new_zeros(h + 2 * HALO, w + 2 * HALO, n, c)
+    padded[HALO:HALO + h, HALO:HALO + w] = dense.permute(1, 2, 0, 3)
+    return padded
+
+
+def _sites_major(index: torch.Tensor, size: int) -> torch.Tensor:
+    """A `window_index` reordered from (window, y, x) to (y, x, window)."""
+    return index.view(-1, size, size).permute(1, 2, 0).reshape(-1)
+
+
+def _grouped_weight_grad(inputs: torch.Tensor, grad_out: torch.Tensor, channels: int) -> torch.Tensor:
+    """The depthwise weight gradient as one forward grouped conv.
+
+    inputs (H+6, W+6, M, C): M zero-padded maps (images or windows);
+    grad_out (M, H, W, C): the output gradient on each. For every map m and
+    channel c, correlating input (m, c) with grad_out (m, c) as the kernel
+    gives the 7x7 gradient of that map; summing over m gives the weight's.
+    That is a conv with M*C groups, an (H+6)x(W+6) input and an HxW kernel
+    per group, which aten runs with its fast forward depthwise kernel
+    (channels-last input), unlike its depthwise weight-gradient kernel.
+    """
+    height, width, maps, _ = inputs.shape
+    stacked = inputs.reshape(1, height, width, maps * channels).permute(0, 3, 1, 2)  # channels-last view
+    kernels = grad_out.permute(0, 3, 1, 2).reshape(maps * channels, 1, *grad_out.shape[1:3])
+    per_map = F.conv2d(stacked, kernels, groups=maps * channels)  # (1, M*C, 7, 7), channels-last memory
+    grad_weight = per_map.permute(0, 2, 3, 1).reshape(KERNEL, KERNEL, maps, channels).sum(2)
     return grad_weight.permute(2, 0, 1).unsqueeze(1)
 
 
@@ -246,3 +299,47 @@ def visible_depthwise_conv(sites, x: torch.Tensor, conv: torch.nn.Conv2d) -> tor
     uses_windows = method.conv == "windows" or method.weight_grad != "dense"
     index = window_index(sites, p, x.device) if uses_windows else None
     return VisibleDepthwiseConv.apply(x, conv.weight, conv.bias, sites, method, index)
+
+
+# -- a dense depthwise conv with the grouped weight gradient -------------------
+class _DenseDepthwiseConv(torch.autograd.Function):
+    """Depthwise 7x7 'same' conv of an (N, C, H, W) map; the weight gradient by `_grouped_weight_grad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=HALO, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        channels = weight.shape[0]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # The transpose of a 'same' stride-1 conv is the conv with the flipped kernel.
+            grad_x = F.conv2d(grad_out, weight.to(grad_out.dtype).flip(2, 3), padding=HALO, groups=channels)
+        if ctx.needs_input_grad[1]:
+            maps = x.to(grad_out.dtype).permute(0, 2, 3, 1)
+            grad_weight = _grouped_weight_grad(_padded_maps_last(maps), grad_out.permute(0, 2, 3, 1), channels)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """nn.Conv2d(dim, dim, 7, padding=3, groups=dim) whose weight gradient on CPU is one grouped conv.
+
+    Same parameters and state-dict names as the nn.Conv2d it replaces. On CPU,
+    aten's depthwise weight gradient is the slow part of the conv (BENCHMARKS.md,
+    issue 13); elsewhere the layer is a plain nn.Conv2d. For dense models built
+    from timm's blocks (the FCMAE decoder): swap it in for the block's `conv_dw`.
+    """
+
+    def __init__(self, dim: int, bias: bool = True):
+        super().__init__(dim, dim, kernel_size=KERNEL, padding=HALO, groups=dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return _DenseDepthwiseConv.apply(x, self.weight, self.bias)

@@ -49,9 +49,7 @@ class GRN(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, sites: Sites) -> torch.Tensor:
-        gx = sites.per_image_l2(x)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        return x + torch.addcmul(self.bias, self.weight, x * nx)
+        return sites.global_response_norm(x, self.weight, self.bias, self.eps)
 
 
 class Mlp(nn.Module):

@@ -357,10 +357,11 @@ class _MinkowskiSites(Sites):
     def zero_masked(self, x):
         return x  # only visible sites are stored
 
-    def per_image_l2(self, x):
-        """Per-image, per-channel L2 norm over the image's sites, one row per site (M, C)."""
-        self._check_rows(x, "per_image_l2")
-        return per_image_l2_rows(x, self.batch_index, self.batch_size)
+    def global_response_norm(self, x, weight, bias, eps):
+        """GRN with per-image, per-channel L2 norms over the image's sites, one row per site (M, C)."""
+        self._check_rows(x, "global_response_norm")
+        norm = per_image_l2_rows(x, self.batch_index, self.batch_size)
+        return x + torch.addcmul(bias, weight, x * (norm / (norm.mean(dim=-1, keepdim=True) + eps)))
 
     def drop_path(self, x, drop_prob, training):
         """Stochastic depth per image; draws the same random numbers as timm's drop_path."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from timm.layers import drop_path as timm_drop_path
 
 from sparse.depthwise import visible_depthwise_conv
+from sparse.grn import global_response_norm
 
 PATCH_PIXELS = 32  # FCMAE masks 32x32-pixel patches: one site at stride 32.
 
@@ -59,14 +60,14 @@ class Sites:
         """Set features at masked sites to zero (a no-op where none are stored)."""
         return x
 
-    def per_image_l2(self, x: torch.Tensor) -> torch.Tensor:
-        """L2 norm over the sites of each image, per channel, broadcastable to x.
+    def global_response_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                             eps: float) -> torch.Tensor:
+        """GRN with statistics over the sites of each image (sparse/grn.py).
 
         Correct for any layout whose axes are (image, site axes..., channel)
         and whose masked sites, if stored, are zero.
         """
-        site_dims = tuple(range(1, x.dim() - 1))
-        return torch.linalg.vector_norm(x, ord=2, dim=site_dims, keepdim=True)
+        return global_response_norm(x, weight, bias, eps)
 
     def drop_path(self, x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
         """Stochastic depth that drops whole images (the batch axis is first)."""
@@ -102,12 +103,17 @@ class PatchSites(Sites):
         # (N, K) shape comes first: the result is (N, K, p, p, C).
         return blocks[self.batch_index, self.rows, :, self.cols]
 
-    def _scatter_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, K, p, p, C) kept patches -> zero-filled (N, Hp*p, Wp*p, C) map."""
+    def _scatter_patches(self, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+        """(N, K, p, p, C) kept patches -> zero-filled (N, Hp*p + 2*pad, Wp*p + 2*pad, C) map.
+
+        `pad` zero sites on every side (a conv's padding, without a second copy of the map).
+        """
         n, _, p, _, c = x.shape
-        blocks = x.new_zeros(n, self.grid_h, p, self.grid_w, p, c)
+        h, w = self.grid_h * p, self.grid_w * p
+        dense = x.new_zeros(n, h + 2 * pad, w + 2 * pad, c)
+        blocks = dense[:, pad:pad + h, pad:pad + w].view(n, self.grid_h, p, self.grid_w, p, c)
         blocks[self.batch_index, self.rows, :, self.cols] = x
-        return blocks.reshape(n, self.grid_h * p, self.grid_w * p, c)
+        return dense
 
     @staticmethod
     def _patchwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:

@@ -111,3 +111,25 @@ def test_traces_without_graph_breaks(method):
     finally:
         dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dense_depthwise_conv2d_equals_nn_conv2d(channels_last):
+    """DepthwiseConv2d (the grouped weight gradient on a dense map) against nn.Conv2d: output and all gradients."""
+    gen = torch.Generator().manual_seed(0)
+    channels = 5
+    ours = depthwise.DepthwiseConv2d(channels)
+    plain = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, channels, 6, 9, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, channels, 6, 9, generator=gen)
+    results = []
+    for layer in (ours, plain):
+        inp = x.clone().requires_grad_(True)
+        out = layer(inp)
+        out.backward(grad_out)
+        results.append((out.detach(), inp.grad, layer.weight.grad, layer.bias.grad))
+    for got, expected in zip(*results):
+        assert_close(got, expected)

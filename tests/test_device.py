@@ -4,13 +4,14 @@ What needs a GPU (AdamW fused on CUDA parameters, compiled CUDA steps) is in
 tests/test_cuda.py and the GPU check's bench.
 """
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from fcmae import build_fcmae, main_pretrain
-from fcmae.optim import build_optimizer
+from fcmae.optim import build_optimizer, param_groups
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime.device import adamw_fused, configure_device, use_compile
 from fcmae.runtime.distributed import DistInfo
@@ -48,10 +49,31 @@ def test_configure_device_sets_the_cuda_defaults(restore_flags, tf32, expected):
     assert torch.backends.cuda.matmul.allow_tf32 == tf32
 
 
-def test_adamw_is_fused_only_for_cuda_parameters():
+def test_adamw_is_fused_on_one_cpu_or_cuda_device():
     model = build_fcmae("atto", img_size=64, decoder_dim=16, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
-    assert not adamw_fused(model) and not adamw_fused(torch.nn.Module())
-    assert all(group["fused"] is False for group in build_optimizer(model, 1e-3, 0.05).param_groups)
+    assert adamw_fused(model)
+    assert all(group["fused"] is True for group in build_optimizer(model, 1e-3, 0.05).param_groups)
+    assert not adamw_fused(torch.nn.Module())  # no parameters
+    assert not adamw_fused(torch.nn.Linear(2, 2, device="meta"))  # no fused kernel there
+    model.proj.to("meta")
+    assert not adamw_fused(model)  # parameters on two devices
+
+
+def test_fused_cpu_adamw_takes_the_for_loop_adamw_step():
+    torch.manual_seed(0)
+    model = build_fcmae("atto", img_size=64, decoder_dim=16, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
+    twin = copy.deepcopy(model)
+    fused = build_optimizer(model, 1e-3, 0.05)
+    loop = torch.optim.AdamW(param_groups(twin, 0.05), lr=1e-3, betas=(0.9, 0.95), fused=False, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn_like(param) for param in model.parameters()]
+        for params in (model.parameters(), twin.parameters()):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+        fused.step()
+        loop.step()
+    for got, expected in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_compile_auto_means_cuda_only():

@@ -6,6 +6,8 @@ import torch
 from fcmae import build_fcmae, patchify, random_mask, unpatchify
 from fcmae.optim import build_optimizer
 from fcmae.masking import check_mask_ratio
+from fcmae.model import _patch_mean_std
+from tests.helpers import assert_close
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), decoder_dim=32)
 
@@ -217,3 +219,55 @@ def test_overfits_one_batch(one_thread):
     final = model(imgs, mask)[0].item()
     assert first > 0.5
     assert final < first / 20, (first, final)
+
+
+# ---------------------------------------------------------------- the decoder's faster parts
+def _randomised(module, seed=0):
+    """Random values in every parameter (GRN's gamma and beta start at zero, which would hide it)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return module
+
+
+def test_decoder_is_timms_block_with_convs_as_linear_layers(one_thread):
+    """forward_decoder equals 1x1 convs around timm's own ConvNeXt V2 block (same state dict), values and grads."""
+    from timm.models.convnext import ConvNeXtBlock
+
+    model = _randomised(tiny_model(img_size=96, mask_ratio=0.6))
+    block = ConvNeXtBlock(32, ls_init_value=None, use_grn=True, conv_mlp=False)
+    block.load_state_dict(model.decoder[0].state_dict())  # strict: the same names and shapes
+    assert type(model.decoder[0].conv_dw) is not torch.nn.Conv2d  # the faster parts are in place
+    feats = torch.randn(3, 16, 3, 3, requires_grad=True)
+    mask = model.random_mask(torch.zeros(3, 3, 96, 96))
+    grad_out = torch.randn(3, 9, 3072)
+
+    pred = model.forward_decoder(feats, mask)
+    grads = torch.autograd.grad(pred, [feats] + list(model.parameters()), grad_out, allow_unused=True)
+
+    def reference():
+        x = model.proj(feats)
+        m = mask.reshape(3, 1, 3, 3)
+        x = x * (1 - m) + model.mask_token * m
+        return model.pred(block(x)).flatten(2).transpose(1, 2)
+
+    expected = reference()
+    params = [feats] + [p for n, p in model.named_parameters() if not n.startswith("decoder.")] + list(
+        block.parameters())
+    expected_grads = dict(zip(map(id, params), torch.autograd.grad(expected, params, grad_out, allow_unused=True)))
+    assert_close(pred, expected)
+    ours = dict(zip([id(feats)] + [id(p) for p in model.parameters()], grads))
+    assert_close(ours[id(feats)], expected_grads[id(feats)])
+    for param, theirs in zip(model.decoder[0].parameters(), block.parameters()):
+        assert_close(ours[id(param)], expected_grads[id(theirs)])
+    for name in ("proj.weight", "pred.weight", "mask_token"):
+        param = dict(model.named_parameters())[name]
+        assert_close(ours[id(param)], expected_grads[id(param)])
+
+
+def test_patch_statistics_equal_torch_var():
+    patches = torch.randn(2, 5, 48) * 3 + 1
+    mean, std = _patch_mean_std(patches)
+    assert torch.allclose(mean, patches.mean(-1, keepdim=True))
+    assert torch.allclose(std, (patches.var(-1, keepdim=True) + 1e-6) ** 0.5, rtol=1e-5)
