@@ -4,6 +4,9 @@ Run through `python -m sparse.bench --mode step|dwconv` (sparse/bench.py has
 the arguments). Both interleave the things they compare (one call of each in
 turn, repeated) and report the minimum time, the least disturbed by other
 processes on a shared machine; ratios are taken between interleaved runs.
+The step is also split into its phases (encoder forward and backward,
+decoder and loss forward and backward, optimizer), each timed on its own:
+the decoder, the loss and the optimizer are the same code in every backend.
 """
 
 from __future__ import annotations
@@ -92,19 +95,32 @@ def bench_step(args: argparse.Namespace) -> Dict[str, float]:
         models[name] = model.to(device).train()
         optimizers[name] = build_optimizer(model, lr=1.5e-4, weight_decay=0.05)  # the pre-training's AdamW
 
+    phases = {name: {} for name in backends}  # backend -> phase -> minimum seconds
+
+    def timed_phase(name: str, phase: str, fn: Callable[[], object]):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autograd.profiler.record_function(phase):
+            out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        phases[name][phase] = min(phases[name].get(phase, float("inf")), seconds)
+        return out
+
     def step(name: str) -> None:
+        # The same step as training, cut where the encoder's output enters the decoder, so that the
+        # encoder's and the decoder's backward are timed apart (the gradients are the same).
         model, optimizer = models[name], optimizers[name]
-        with torch.autograd.profiler.record_function("forward: encoder"):
-            features = model.encoder(imgs, mask)
-        with torch.autograd.profiler.record_function("forward: decoder"):
-            pred = model.forward_decoder(features, mask)
-        with torch.autograd.profiler.record_function("forward: loss"):
-            loss = model.forward_loss(imgs, pred, mask)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autograd.profiler.record_function("backward"):
-            loss.backward()
-        with torch.autograd.profiler.record_function("optimizer"):
-            optimizer.step()
+        features = timed_phase(name, "encoder forward", lambda: model.encoder(imgs, mask))
+        cut = features.detach().requires_grad_(True)
+        loss = timed_phase(name, "decoder+loss forward",
+                           lambda: model.forward_loss(imgs, model.forward_decoder(cut, mask), mask))
+        timed_phase(name, "decoder+loss backward", loss.backward)
+        timed_phase(name, "encoder backward", lambda: features.backward(cut.grad))
+        timed_phase(name, "optimizer", optimizer.step)
 
     load_before = _load()
     best = _interleaved_min({name: (lambda name=name: step(name)) for name in backends}, args.iters, args.warmup,
@@ -115,6 +131,9 @@ def bench_step(args: argparse.Namespace) -> Dict[str, float]:
     base = best.get("dense-masked", next(iter(best.values())))
     for name, seconds in best.items():
         print(f"{name:<14} {seconds * 1000:>9.1f} ms {seconds / base:>6.2f}x dense-masked")
+    print("phases, minimum wall ms of each:")
+    for name in backends:
+        print(f"  {name:<12} " + ", ".join(f"{phase} {sec * 1000:.1f}" for phase, sec in phases[name].items()))
     if args.profile:
         _profile(lambda: step(backends[0]), backends[0], device)
     return best

@@ -184,10 +184,14 @@ def _from_patches(x: torch.Tensor) -> torch.Tensor:
 
 
 def conv_at_patches(sites, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    method: str, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Depthwise 'same' conv of the zero-filled map of x, at the kept patches: (N, K, p, p, C)."""
+                    method: str, index: Optional[torch.Tensor] = None,
+                    padded: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Depthwise 'same' conv of the zero-filled map of x, at the kept patches: (N, K, p, p, C).
+
+    `padded`: x's zero-filled map with 3 sites of padding, when the caller has made it.
+    """
     n, _, p, _, channels = x.shape
-    padded = sites._scatter_patches(x, HALO)
+    padded = sites._scatter_patches(x, HALO) if padded is None else padded
     if method == "windows":
         index = window_index(sites, p, x.device) if index is None else index
         return _to_patches(F.conv2d(halo_windows(padded, index, p), weight, bias, groups=channels), n)
@@ -196,18 +200,24 @@ def conv_at_patches(sites, x: torch.Tensor, weight: torch.Tensor, bias: Optional
 
 
 def weight_grad_at_patches(sites, x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
-                           method: str, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gradient of sum(conv_at_patches(x) * grad_out) w.r.t. the (C, 1, 7, 7) weight."""
+                           method: str, index: Optional[torch.Tensor] = None,
+                           grad_padded: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of sum(conv_at_patches(x) * grad_out) w.r.t. the (C, 1, 7, 7) weight.
+
+    `grad_padded`: grad_out's zero-filled map with 3 sites of padding, when the caller has made it.
+    """
     n, k, p, _, channels = x.shape
-    padded = sites._scatter_patches(x, HALO)
-    if method == "dense":
-        grad_dense = sites._scatter_patches(grad_out).permute(0, 3, 1, 2)
+    if method in ("dense", "dense-grouped"):
+        if grad_padded is None:
+            grad_dense = sites._scatter_patches(grad_out)
+        else:
+            grad_dense = grad_padded[:, HALO:grad_padded.shape[1] - HALO, HALO:grad_padded.shape[2] - HALO]
+        if method == "dense-grouped":
+            return _grouped_weight_grad(sites._scatter_patches(x, HALO, images_last=True), grad_dense, channels)
         return torch.ops.aten.convolution_backward(
-            grad_dense, padded.permute(0, 3, 1, 2), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-            channels, [False, True, False])[1]
-    if method == "dense-grouped":
-        return _grouped_weight_grad(padded.permute(1, 2, 0, 3).contiguous(), sites._scatter_patches(grad_out),
-                                    channels)
+            grad_dense.permute(0, 3, 1, 2), sites._scatter_patches(x, HALO).permute(0, 3, 1, 2), weight, None,
+            [1, 1], [0, 0], [1, 1], False, [0, 0], channels, [False, True, False])[1]
+    padded = sites._scatter_patches(x, HALO)
     index = window_index(sites, p, x.device) if index is None else index
     if method == "windows-grouped":
         # The windows, gathered window-site-major: (p+6, p+6, N*K, C) memory.
@@ -282,11 +292,16 @@ class VisibleDepthwiseConv(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         x, weight = x.to(grad_out.dtype), weight.to(grad_out.dtype)
         grad_x = grad_weight = grad_bias = None
+        # The output gradient's zero-filled map, made once where both parts read it.
+        grad_padded = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and method.conv == "dense" \
+                and method.weight_grad in ("dense", "dense-grouped"):
+            grad_padded = sites._scatter_patches(grad_out, HALO)
         if ctx.needs_input_grad[0]:
             # The transpose of a 'same' stride-1 conv is the conv with the flipped kernel.
-            grad_x = conv_at_patches(sites, grad_out, weight.flip(2, 3), None, method.conv, index)
+            grad_x = conv_at_patches(sites, grad_out, weight.flip(2, 3), None, method.conv, index, grad_padded)
         if ctx.needs_input_grad[1]:
-            grad_weight = weight_grad_at_patches(sites, x, grad_out, weight, method.weight_grad, index)
+            grad_weight = weight_grad_at_patches(sites, x, grad_out, weight, method.weight_grad, index, grad_padded)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 1, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None, None
@@ -296,7 +311,7 @@ def visible_depthwise_conv(sites, x: torch.Tensor, conv: torch.nn.Conv2d) -> tor
     """The depthwise `conv` of the kept patches x (N, K, p, p, C), by this device's and stage's method."""
     p = x.shape[2]
     method = depthwise_method(x.device.type, p)
-    uses_windows = method.conv == "windows" or method.weight_grad != "dense"
+    uses_windows = method.conv == "windows" or method.weight_grad in ("windows", "windows-grouped", "loop")
     index = window_index(sites, p, x.device) if uses_windows else None
     return VisibleDepthwiseConv.apply(x, conv.weight, conv.bias, sites, method, index)
 

@@ -62,8 +62,9 @@ class _GlobalResponseNorm(torch.autograd.Function):
                     channels * denom * denom)
                 # d norm / d x = x / norm; a zero norm means x is zero there, so the term is zero.
                 per_x = torch.where(norm > 0, grad_norm / norm, torch.zeros_like(norm))
-                grad_x = torch.addcmul(grad_rows * (1 + weight * normalized).unsqueeze(1), rows,
-                                       per_x.unsqueeze(1)).view(x.shape).to(x.dtype)
+                grad_x = torch.mul(grad_rows, (1 + weight * normalized).unsqueeze(1))
+                grad_x.addcmul_(rows, per_x.unsqueeze(1))  # in place: one tensor of x's size, not two
+                grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None
 
 

@@ -103,13 +103,20 @@ class PatchSites(Sites):
         # (N, K) shape comes first: the result is (N, K, p, p, C).
         return blocks[self.batch_index, self.rows, :, self.cols]
 
-    def _scatter_patches(self, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    def _scatter_patches(self, x: torch.Tensor, pad: int = 0, images_last: bool = False) -> torch.Tensor:
         """(N, K, p, p, C) kept patches -> zero-filled (N, Hp*p + 2*pad, Wp*p + 2*pad, C) map.
 
-        `pad` zero sites on every side (a conv's padding, without a second copy of the map).
+        `pad` zero sites on every side (a conv's padding, without a second copy
+        of the map). `images_last`: lay the map out (H, W, N, C) instead.
         """
         n, _, p, _, c = x.shape
         h, w = self.grid_h * p, self.grid_w * p
+        if images_last:
+            dense = x.new_zeros(h + 2 * pad, w + 2 * pad, n, c)
+            blocks = dense[pad:pad + h, pad:pad + w].view(self.grid_h, p, self.grid_w, p, n, c)
+            # Advanced indices on axes 0, 2 and 4 are split by slices: their (N, K) shape comes first.
+            blocks[self.rows, :, self.cols, :, self.batch_index] = x
+            return dense
         dense = x.new_zeros(n, h + 2 * pad, w + 2 * pad, c)
         blocks = dense[:, pad:pad + h, pad:pad + w].view(n, self.grid_h, p, self.grid_w, p, c)
         blocks[self.batch_index, self.rows, :, self.cols] = x

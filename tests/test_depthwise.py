@@ -60,7 +60,8 @@ def test_conv_method_equals_dense_conv(p, method):
 
 
 @pytest.mark.parametrize("p", [8, 1])
-@pytest.mark.parametrize("method", ["dense,loop", "windows,windows", "dense,dense"])
+@pytest.mark.parametrize("method", ["dense,loop", "windows,windows", "dense,dense", "dense,dense-grouped",
+                                    "dense,windows-grouped", "windows,dense-grouped"])
 def test_autograd_function_with_each_method(p, method):
     sites, x, grad_out, weight, bias = stage(p, seed=3)
     expected = dense_reference(sites, x, grad_out, weight, bias)
@@ -93,7 +94,7 @@ def test_method_table_and_overrides():
         depthwise.parse_method("dense")
 
 
-@pytest.mark.parametrize("method", ["windows,windows", "dense,loop"])
+@pytest.mark.parametrize("method", ["windows,windows", "dense,loop", "dense,dense-grouped", "dense,windows-grouped"])
 def test_traces_without_graph_breaks(method):
     """torch.compile sees the Function as one graph: no tensor made inside it escapes (index made outside)."""
     import torch._dynamo as dynamo
