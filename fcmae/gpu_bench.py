@@ -5,8 +5,8 @@ One row = one (size, batch, backend, compiled, what) case:
 - what="encoder": the encoder's forward + backward of a scalar of its output
   (the training cost of the encoder alone; the masked backends get a 60% mask).
 - what="step": the whole pre-training step: FCMAE forward with the mask
-  drawn inside, backward, AdamW step (`fcmae.optim.build_optimizer`: fused
-  on CUDA, as in training).
+  drawn inside, backward, AdamW step (`fcmae.optim.build_optimizer`: fused,
+  as in training).
 
 Backends: "torch", "dense-masked" (and "minkowski" when installed) are the
 sparse encoder's; "timm" is timm's dense ConvNeXt V2 (`forward_features`).

@@ -24,7 +24,7 @@ and dwconv on request):
   methods per stage (base at batch 64; JSON key `dwconv`, ms per call).
 
 Every part runs with the training defaults of the device
-(fcmae/runtime/device.py: TF32, cudnn.benchmark, fused AdamW on CUDA), and
+(fcmae/runtime/device.py: TF32, cudnn.benchmark, fused AdamW), and
 subprocesses use this interpreter (`PYTHON` is set for the launcher).
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md, rewritten after every part

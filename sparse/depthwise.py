@@ -43,7 +43,8 @@ no branching on data, so the op is free of device syncs. The method is a
 Python constant per (device, stage), and the window index is made before
 the autograd.Function, so torch.compile traces it without graph breaks
 (tests/test_depthwise.py). The CUDA rows were measured on one H100; the
-CUDA paths are covered there by `--mode dwconv` only, not by the tests.
+CUDA paths are covered there by `--mode dwconv` only, not by the tests. The
+grouped methods and `DepthwiseConv2d`'s backward have run on CPU only.
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ class DepthwiseMethod(NamedTuple):
 # Fastest method per (device type, sites per patch side), measured with
 # `python -m sparse.bench --mode dwconv` (BENCHMARKS.md, "The depthwise conv's
 # methods"), fp32, 224x224, mask ratio 0.6. CPU: atto b16, tiny b8 and base b4
-# on the 2-core Xeon VM, 2 threads: the conv over the dense map (windows tie at
-# p = 8, 4), the grouped weight gradient on the windows at p = 8, 4 and on the
-# dense map at p = 2, 1 (1.6-3.4x faster than the best aten method). CUDA: H100,
-# atto b16, tiny b8, base b4: the windows weight gradient is fastest at every
-# stage, the two conv methods tie (the grouped methods have not run on a GPU).
+# on the 2-core Xeon VM, 2 threads: the grouped weight gradient on the windows
+# at p = 8, 4 and on the dense map at p = 2, 1 (1.5-2.9x faster than aten's
+# kernel or the loop); the conv over the dense map (windows are faster alone
+# at p = 8, but the full step is not: within noise). CUDA: H100, atto b16,
+# tiny b8, base b4: the windows weight gradient is fastest at every stage, the
+# two conv methods tie (the grouped methods have not run on a GPU).
 _DEFAULT_METHODS: Dict[Tuple[str, int], DepthwiseMethod] = {
     ("cpu", 8): DepthwiseMethod("dense", "windows-grouped"),
     ("cpu", 4): DepthwiseMethod("dense", "windows-grouped"),

@@ -81,16 +81,24 @@ def test_compile_auto_means_cuda_only():
     assert use_compile(True, torch.device("cpu")) and not use_compile(False, torch.device("cuda"))
 
 
-def test_restore_keeps_this_runs_fused_flag(tmp_path):
-    """A fused CUDA AdamW's checkpoint resumed elsewhere must not carry `fused=True` over (and the reverse)."""
+@pytest.mark.parametrize("built,saved", [(False, True), (True, False)])
+def test_resume_keeps_this_runs_adamw_implementation(tmp_path, built, saved):
+    """A checkpoint's `fused` flag must not replace this run's: a fused CUDA AdamW's checkpoint resumed on a
+    device without it, or a for-loop AdamW's checkpoint (CPU before fused CPU AdamW) resumed fused."""
     model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
-    saved_state = torch.optim.AdamW(model.parameters(), lr=1e-3).state_dict()
-    saved_state["param_groups"][0]["fused"] = True
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=built)
+    model(torch.randn(4, 3)).sum().backward()
+    earlier = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
+    earlier.step()  # a state to restore
+    saved_state = earlier.state_dict()
+    saved_state["param_groups"][0]["fused"] = saved
     settings = LoopSettings(1, 1, 1, 1e-3, 0.0, 0, 1, 1, "off", 1, 0, 0)
     trainer = Trainer(model, optimizer, lambda m, b: m(b).sum(), settings, DistInfo(), tmp_path, tmp_path / "tb", {})
     trainer.restore({"model": model.state_dict(), "optimizer": saved_state, "run_state": {}, "rng": []}, "ckpt", 0)
-    assert optimizer.param_groups[0]["fused"] is False
+    assert optimizer.param_groups[0]["fused"] is built
+    assert int(optimizer.state[model.weight]["step"]) == 1
+    optimizer.step()  # the restored state works with this implementation
+    assert int(optimizer.state[model.weight]["step"]) == 2
 
 
 def pretrain_args(data, out, *extra):
