@@ -3,7 +3,7 @@ MinkowskiEngine), timm's and the sparse encoder's, and the mappings between them
 
 Everything goes through the timm naming, which is also the sparse encoder's
 (sparse/encoder.py). Formats are detected and checked in finetune/conversion.py;
-docs/RECIPES.md describes the reference layouts.
+RECIPES.md describes the reference layouts.
 """
 
 import re
