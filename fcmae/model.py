@@ -139,7 +139,7 @@ class FCMAE(nn.Module):
         return random_mask(imgs.shape[0], gh * gw, self.mask_ratio, device=imgs.device, generator=generator)
 
     def forward_decoder(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder map (N, C, gh, gw) -> predictions (N, L, p*p*3).
+        """Encoder map (N, C, gh, gw) -> predictions (N, L, p*p*in_chans).
 
         `proj` and `pred` are 1x1 convs (the reference release's parameter
         shapes), computed as Linear layers on channels-last sites: on CPU the
@@ -153,7 +153,7 @@ class FCMAE(nn.Module):
         return F.linear(x.permute(0, 2, 3, 1).reshape(n, gh * gw, -1), self.pred.weight.flatten(1), self.pred.bias)
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(N, L, p*p*3) patches, normalised per patch when norm_pix_loss."""
+        """(N, L, p*p*in_chans) patches, normalised per patch when norm_pix_loss."""
         target = patchify(imgs, self.patch_size)
         if self.norm_pix_loss:
             mean, std = _patch_mean_std(target)
@@ -161,7 +161,7 @@ class FCMAE(nn.Module):
         return target
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE per patch (mean over its p*p*3 values), averaged over masked patches only."""
+        """MSE per patch (mean over its p*p*in_chans values), averaged over masked patches only."""
         per_patch = ((pred.float() - self.target(imgs).float()) ** 2).mean(dim=-1)
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum()
@@ -172,12 +172,12 @@ class FCMAE(nn.Module):
         return num_kept(gh * gw, self.mask_ratio)
 
     def forward(self, imgs: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        """Returns (loss, pred (N, L, p*p*3), mask (N, L), 1 = masked).
+        """Returns (loss, pred (N, L, p*p*in_chans), mask (N, L), 1 = masked).
 
         With mask=None (training) the mask is drawn here and is correct by
         construction: nothing reads a tensor value, so the step has no host
         sync and compiles to one graph. A mask passed in is checked in eager
-        mode (clear errors, one sync); under torch.compile it must keep
+        mode (clear errors; a few host syncs); under torch.compile it must keep
         `self.num_kept(imgs)` patches per image, as `random_mask` does.
         """
         if mask is None:
@@ -195,7 +195,7 @@ class FCMAE(nn.Module):
         return loss, pred, mask
 
     def unpatchify(self, pred: torch.Tensor, imgs_or_grid) -> torch.Tensor:
-        """(N, L, p*p*3) -> (N, 3, H, W); the grid comes from an image batch or a (gh, gw) pair."""
+        """(N, L, p*p*in_chans) -> (N, in_chans, H, W); the grid comes from an image batch or a (gh, gw) pair."""
         grid = self.grid_size(imgs_or_grid) if torch.is_tensor(imgs_or_grid) else tuple(imgs_or_grid)
         return unpatchify(pred, grid, self.patch_size, self.in_chans)
 

@@ -29,7 +29,10 @@ they share one choice, `conv`; the weight gradient has its own:
   runs the former, over the whole map or over the windows.
 
 `DepthwiseConv2d` (end of this file) applies the grouped weight gradient to
-an ordinary dense depthwise conv; the FCMAE decoder uses it on CPU.
+an ordinary dense depthwise conv; the FCMAE decoder uses it. It is not a
+per-stage choice: on CPU it always takes the grouped weight gradient, on
+other devices it is a plain nn.Conv2d, and the method table and its
+overrides below do not apply to it.
 
 All give the same values up to float rounding (tests/test_depthwise.py).
 `depthwise_method(device_type, p)` is the one place that picks them; the
@@ -43,8 +46,9 @@ no branching on data, so the op is free of device syncs. The method is a
 Python constant per (device, stage), and the window index is made before
 the autograd.Function, so torch.compile traces it without graph breaks
 (tests/test_depthwise.py). The CUDA rows were measured on one H100; the
-CUDA paths are covered there by `--mode dwconv` only, not by the tests. The
-grouped methods and `DepthwiseConv2d`'s backward have run on CPU only.
+default CUDA methods run in tests/test_cuda.py (where a GPU is present), the
+others have run on CUDA only in `--mode dwconv`. The grouped methods and
+`DepthwiseConv2d`'s backward have run on CPU only.
 """
 
 from __future__ import annotations
@@ -296,8 +300,7 @@ class VisibleDepthwiseConv(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         # The output gradient's zero-filled map, made once where both parts read it.
         grad_padded = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and method.conv == "dense" \
-                and method.weight_grad in ("dense", "dense-grouped"):
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and method.weight_grad in ("dense", "dense-grouped"):
             grad_padded = sites._scatter_patches(grad_out, HALO)
         if ctx.needs_input_grad[0]:
             # The transpose of a 'same' stride-1 conv is the conv with the flipped kernel.
@@ -325,7 +328,6 @@ class _DenseDepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return F.conv2d(x, weight, bias, padding=HALO, groups=weight.shape[0])
 
     @staticmethod
@@ -339,7 +341,7 @@ class _DenseDepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             maps = x.to(grad_out.dtype).permute(0, 2, 3, 1)
             grad_weight = _grouped_weight_grad(_padded_maps_last(maps), grad_out.permute(0, 2, 3, 1), channels)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False when bias is None
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias
 
@@ -353,8 +355,8 @@ class DepthwiseConv2d(nn.Conv2d):
     from timm's blocks (the FCMAE decoder): swap it in for the block's `conv_dw`.
     """
 
-    def __init__(self, dim: int, bias: bool = True):
-        super().__init__(dim, dim, kernel_size=KERNEL, padding=HALO, groups=dim, bias=bias)
+    def __init__(self, dim: int):
+        super().__init__(dim, dim, kernel_size=KERNEL, padding=HALO, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

@@ -223,7 +223,7 @@ class SparseConvNeXtV2(nn.Module):
         """Features of the visible patches; see the class docstring.
 
         Args:
-            imgs: (N, 3, H, W) images, H and W multiples of 32.
+            imgs: (N, in_chans, H, W) images, H and W multiples of 32.
             mask: (N, L) patch mask, 1 = masked; None keeps every patch.
             num_kept: visible patches per image, when the caller knows it (a
                 mask drawn by `fcmae.masking.random_mask` keeps

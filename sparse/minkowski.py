@@ -134,8 +134,8 @@ def per_image_l2_rows(x: torch.Tensor, batch_index: torch.Tensor, batch_size: in
 
     The sum of squares is accumulated in float32, whatever the dtype of x: in
     fp16, 1,254 sites of magnitude 8 already sum to more than fp16 holds (inf,
-    then NaN downstream). The norm is returned in x's dtype, as
-    torch.linalg.vector_norm does for the dense backends.
+    then NaN downstream). The norm is returned in x's dtype (the dense
+    backends' GRN, sparse/grn.py, keeps it in float32).
     """
     squares = x.float().square()
     sumsq = squares.new_zeros(batch_size, x.shape[1]).index_add_(0, batch_index, squares)

@@ -4,12 +4,13 @@ import pytest
 
 from tests.helpers import write_images
 
-DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS",
+                  "SLURM_STEP_ID", "NPROC_PER_NODE", "NNODES", "FCMAE_LAUNCHER")
 
 
 @pytest.fixture(autouse=True)
 def single_process(monkeypatch):
-    """No torchrun / SLURM variables leak in from the shell that runs the tests."""
+    """No torchrun / SLURM / launcher variables leak in from the shell (or the SLURM job) that runs the tests."""
     for var in DIST_VARIABLES:
         monkeypatch.delenv(var, raising=False)
 

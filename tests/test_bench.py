@@ -35,6 +35,7 @@ def test_dwconv_mode_times_every_method_at_every_stage(capsys):
     assert "fastest" in capsys.readouterr().out
 
 
-def test_cpu_clock_is_refused_on_other_devices():
+def test_cpu_clock_is_refused_on_other_devices(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--mode", "step", "--device", "cuda", "--clock", "cpu", *SMALL])
+    assert "--clock cpu times CPU work only" in capsys.readouterr().err

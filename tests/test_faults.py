@@ -48,13 +48,6 @@ def image_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
-                "NPROC_PER_NODE", "NNODES", "FCMAE_LAUNCHER"):
-        monkeypatch.delenv(var, raising=False)
-
-
 def tiny_args(data, out, *extra, epochs=2, workers=0):
     return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out),
             "--depths", "[1,1,1,1]", "--dims", "[8,16,16,16]", "--decoder_dim", "32",
@@ -265,6 +258,21 @@ def test_a_lock_of_a_reused_pid_on_this_host_is_stale(tmp_path):
     folder.mkdir()
     (folder / lock.LOCK_NAME).write_text(json.dumps({"host": files.host_name(), "pid": os.getppid(), "start": "1"}))
     lock.OutputLock(folder).acquire().release()
+
+
+def test_exit_after_steps_is_no_signal_and_never_requeues_the_slurm_job(image_dir, tmp_path, monkeypatch, capsys):
+    """The test hook stops and saves like a pre-emption, but inside a SLURM job it must not requeue that job."""
+    from fcmae.runtime import slurm
+
+    requeued = []
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(slurm, "requeue_if_running", lambda env: requeued.append(env.get("SLURM_JOB_ID")))
+    out = tmp_path / "out"
+    assert main_pretrain.run(main_pretrain.resolve_config(tiny_args(image_dir, out, "--exit_after_steps", "1"))) == 0
+    assert requeued == []
+    text = capsys.readouterr().out
+    assert "stopped by exit_after_steps" in text and "SIGTERM" not in text
+    assert ckpt.load_checkpoint(out / "checkpoint-last.pth")["run_state"]["step"] == 1
 
 
 # ---------------------------------------------------------------- 4: changed settings on resume

@@ -261,7 +261,7 @@ def test_decoder_is_timms_block_with_convs_as_linear_layers(one_thread):
     assert_close(ours[id(feats)], expected_grads[id(feats)])
     for param, theirs in zip(model.decoder[0].parameters(), block.parameters()):
         assert_close(ours[id(param)], expected_grads[id(theirs)])
-    for name in ("proj.weight", "pred.weight", "mask_token"):
+    for name in ("proj.weight", "proj.bias", "pred.weight", "pred.bias", "mask_token"):
         param = dict(model.named_parameters())[name]
         assert_close(ours[id(param)], expected_grads[id(param)])
 

@@ -162,3 +162,16 @@ def test_importing_the_commands_needs_no_torch_amp_gradscaler():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command,positional", [(pretrain_config, ["atto", "demo"]),
+                                                (finetune_config, ["atto", "none", "--demo"])])
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path, command, positional):
+    """YAML 1.1 reads `1e-4` as a string; a --config file's floats and float lists must still be numbers."""
+    config = tmp_path / "mine.yaml"
+    config.write_text("blr: 1e-4\nmin_lr: 1e-6\nweight_decay: 5e-2\n")
+    cfg = command([*positional, "--config", str(config)])
+    assert (cfg.blr, cfg.min_lr, cfg.weight_decay) == (1e-4, 1e-6, 5e-2)
+    config.write_text("blr: fast\n")
+    with pytest.raises(ConfigError, match="blr must be a number"):
+        command([*positional, "--config", str(config)])

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
-from fcmae.runtime.config import ConfigError
+from fcmae.runtime.config import ConfigError, parse_value
 
 AMP_MODES = ("bf16", "fp16", "off")
 C = TypeVar("C", bound="TrainConfig")
@@ -110,6 +110,8 @@ def _convert(name: str, hint: Any, value: Any, meta: Mapping[str, Any]) -> Any:
         if meta["choices"] and value not in meta["choices"]:
             raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
         return value
+    if hint in (int, float) and isinstance(value, str):
+        value = parse_value(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int) or not _in_range(value, meta):
             bound = f" >= {meta['low']}" if meta["low"] is not None and meta["high"] is None else (

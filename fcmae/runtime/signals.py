@@ -54,10 +54,6 @@ class StopRequest:
             signal.signal(s, handler)
         self._previous.clear()
 
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        """Ask for a stop from code (as if `signum` had been received)."""
-        self.received = signum
-
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else ""

@@ -134,6 +134,7 @@ class Trainer:
         # The process's stop request when a command installed it before its imports; else (in-process
         # callers such as tests) one of this trainer's own, installed while fit() runs.
         self.stop = STOP if STOP.installed else StopRequest()
+        self._exit_requested = False  # `exit_after_steps` reached (a test's stand-in for a pre-emption)
         self._unchecked = []  # (loss tensor, epoch, iteration, optimizer step) since the last stop check
         self._failure: Optional[BaseException] = None  # raised on every rank at the next stop check
         self.jsonl: Optional[JsonlLogger] = None  # set while fit() runs
@@ -229,12 +230,13 @@ class Trainer:
         """
         s, state = self.settings, self.state
         if s.exit_after_steps is not None and state.step >= s.exit_after_steps:
-            self.stop.request()
+            self._exit_requested = True  # stops like a signal, but is none: no SLURM requeue follows
+        asked = self.stop.received is not None or self._exit_requested
         if self.info.world_size == 1 and not boundary and self._failure is None:
-            return self.stop.received is not None
+            return asked
         pending, self._unchecked = self._unchecked, []
         losses = torch.stack([loss for loss, *_ in pending]) if pending else torch.zeros(0, device=self.device)
-        flags = torch.tensor([float(self.stop.received is not None), 0.0, float(self._failure is not None)])
+        flags = torch.tensor([float(asked), 0.0, float(self._failure is not None)])
         flags = flags.to(losses.device)
         flags[1] = (~torch.isfinite(losses)).any()
         flags = distributed.all_reduce_max(flags, self._reduce_device())
@@ -359,7 +361,7 @@ class Trainer:
     def _stop_and_save(self) -> None:
         """Save the stopped run (every rank), say so, and under SLURM let rank 0 requeue the job."""
         self.save()
-        log(f"stopped by {self.stop.signal_name or 'request'} at epoch {self.state.epoch + 1}, iteration "
+        log(f"stopped by {self.stop.signal_name or 'exit_after_steps'} at epoch {self.state.epoch + 1}, iteration "
             f"{self.state.iteration}, step {self.state.step}; checkpoint saved in {self.output_dir}. Run the same "
             "command again to resume.")
         if self.info.is_main and self.stop.received is not None:
