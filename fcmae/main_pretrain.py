@@ -13,8 +13,9 @@ command-line flags. The reference release's flags (--model convnextv2_base,
 work as well.
 
 Resuming: by default the newest checkpoint in output_dir is resumed. Epoch
-checkpoints and pre-emption checkpoints (SIGTERM / SIGUSR1, saved at the
-next optimizer step, mid-epoch) both resume exactly where they were taken:
+checkpoints and pre-emption checkpoints (SIGTERM / SIGUSR1: the current
+iteration ends, the run goes back to its last optimizer step and saves it,
+mid-epoch) both resume exactly where they were taken:
 data order and augmentation depend only on (seed, epoch, sample index), and
 the RNG states of every process are saved, so on CPU a resumed run
 reproduces the losses of an uninterrupted one.
@@ -49,7 +50,6 @@ from fcmae.masking import PATCH_SIZE, num_kept
 from fcmae.model import build_fcmae
 from fcmae.optim import build_optimizer
 from fcmae.pretrain_config import PretrainConfig, resolve_config as _resolve
-from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
 from fcmae.runtime.command import Command, UsageError, check_output_dir, resume_checkpoint
 from fcmae.runtime.config import dump_config
@@ -61,8 +61,6 @@ from fcmae.runtime.trainer import LoopSettings, Trainer
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss", "in_chans")
-# Settings whose change between a checkpoint and the run that resumes it goes unmentioned.
-UNREMARKABLE = ("resume", "dry_run", "world_size", "exit_after_steps", "output_dir", "log_dir")
 # Settings whose change on resume is taken as given (all others stop; see fcmae/runtime/resume_check.py):
 # those of both commands, and the picture, the backend (the same computation), bad-image tolerance, the
 # initialisation (used only at the start) and the decoder of the same crops.
@@ -145,7 +143,7 @@ def check_resumable(saved: Dict[str, Any], cfg: PretrainConfig, path) -> Pretrai
     if stored is not None:
         cfg = cfg.replace(mean=cfg.mean if isinstance(cfg.mean, tuple) else stored[0],
                           std=cfg.std if isinstance(cfg.std, tuple) else stored[1])
-    model_diffs, _ = ckpt.config_changes(saved["config"], cfg.to_dict(), MODEL_KEYS, UNREMARKABLE)
+    model_diffs = resume_check.model_changes(saved["config"], cfg.to_dict(), MODEL_KEYS)
     if model_diffs:
         raise UsageError(f"cannot resume {path}: it was trained with another model ({'; '.join(model_diffs)}). "
                          "Use another --output_dir, or --resume none to start afresh")

@@ -33,12 +33,12 @@ StateDict = Dict[str, torch.Tensor]
 LAYER_NORM_EPS = 1e-6  # timm's ConvNeXt V2 LayerNorms (transformers' default for the final norm is 1e-12)
 
 
-def hf_config(depths, dims) -> Dict[str, Any]:
-    """`ConvNextV2Config` fields for these depths and dims."""
+def hf_config(depths, dims, in_chans: int = 3) -> Dict[str, Any]:
+    """`ConvNextV2Config` fields for these depths, dims and image channels."""
     return {
         "architectures": ["ConvNextV2Model"],
         "model_type": "convnextv2",
-        "num_channels": 3,
+        "num_channels": int(in_chans),
         "patch_size": 4,
         "num_stages": 4,
         "depths": [int(d) for d in depths],
@@ -94,7 +94,7 @@ def save_hf(conversion, output) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         write_weights(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(conversion.depths, conversion.dims), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(conversion.depths, conversion.dims, conversion.in_chans), indent=2) + "\n")
         if output.is_dir():
             old = output.with_name(f".{output.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -175,7 +175,7 @@ def check_resumable(saved: Dict[str, Any], cfg: FinetuneConfig, path) -> None:
                          f"{', '.join(sorted(map(str, saved)))}); to start from pre-trained weights use "
                          f"CHECKPOINT / --finetune, and --resume none")
     saved["config"] = {**OLD_DEFAULTS, **saved["config"]}  # checkpoints older than the data settings
-    model_diffs, _ = ckpt.config_changes(saved["config"], cfg.to_dict(), MODEL_KEYS)
+    model_diffs = resume_check.model_changes(saved["config"], cfg.to_dict(), MODEL_KEYS)
     if model_diffs:
         raise UsageError(f"cannot use {path}: it holds another model ({'; '.join(model_diffs)}). "
                          "Use another --output_dir, or --resume none")

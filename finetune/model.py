@@ -78,8 +78,9 @@ def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") ->
     in_chans = model.stem[0].in_channels
     if conversion.in_chans != in_chans:
         raise ConversionError(f"{path} has a stem for {conversion.in_chans} input channel(s), but the model to "
-                              f"fine-tune has in_chans={in_chans}; set --in_chans {conversion.in_chans} (the "
-                              f"images' channel count must match the pre-training's)")
+                              f"fine-tune has in_chans={in_chans}; fcmae-finetune: set --in_chans {conversion.in_chans} "
+                              f"(the images' channel count must match the pre-training's); fcmae-knn and "
+                              f"fcmae-linprobe take 3-channel checkpoints only")
     weights = dict(conversion.state_dict)
     dropped = dict(conversion.dropped)
     own = model.state_dict()

@@ -22,14 +22,19 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(NO_CUDA, reason="no CUDA devi
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """Exact float32 matmuls and convolutions for this test only (the flags are process-wide)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def tiny_encoder(backend, seed=0):
     return randomize_(sparse.build_encoder("atto", backend, TINY_DEPTHS, TINY_DIMS), seed).to(CUDA)
 
 
 @pytest.mark.parametrize("dtype,rel,grad_rel", [(torch.float32, 1e-4, 1e-3), (torch.bfloat16, 5e-2, 1e-1)])
-def test_torch_backend_equals_dense_masked_on_cuda(dtype, rel, grad_rel):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_torch_backend_equals_dense_masked_on_cuda(no_tf32, dtype, rel, grad_rel):
     imgs = torch.randn(3, 3, 96, 64, generator=torch.Generator().manual_seed(0)).to(CUDA)
     mask = random_mask(3, 6, 3, seed=1).to(CUDA)
     out_weights = torch.randn(3, TINY_DIMS[-1], 3, 2, device=CUDA)
@@ -45,9 +50,7 @@ def test_torch_backend_equals_dense_masked_on_cuda(dtype, rel, grad_rel):
         assert_close(grads[name], ref_grads[name], rel=grad_rel)
 
 
-def test_unmasked_encoder_equals_timm_dense_on_cuda():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_unmasked_encoder_equals_timm_dense_on_cuda(no_tf32):
     encoder = tiny_encoder("torch").eval()
     dense = dense_timm_model(encoder.cpu()).to(CUDA)
     encoder.to(CUDA)

@@ -106,9 +106,9 @@ def test_decode_planning_and_errors(tmp_path, big_jpegs):
         ImageFolderDataset(big_jpegs, input_size=64, decode="gpu", cuda=False)
 
 
-def gpu_path_matches_cpu_path(root, device):
+def gpu_path_matches_cpu_path(root, device, check_files=1000):
     cpu = ImageFolderDataset(root, input_size=64, seed=5)
-    gpu = ImageFolderDataset(root, input_size=64, seed=5, decode="gpu", cuda=True)
+    gpu = ImageFolderDataset(root, input_size=64, seed=5, decode="gpu", cuda=True, check_files=check_files)
     items = [gpu[i] for i in range(len(gpu))]
     assert any(isinstance(x, EncodedImage) for x, _ in items)
     images, bad = collate_images(items)
@@ -121,13 +121,16 @@ def gpu_path_matches_cpu_path(root, device):
 
 
 def test_gpu_path_logic_on_cpu(tmp_path, big_jpegs):
-    """The GPU path's steps, run with torchvision's CPU decoder; CMYK and PNG files fall back to CPU crops."""
+    """The GPU path's steps, run with torchvision's CPU decoder; CMYK JPEGs, and the 8-bit PNG and .npy files
+    that the header check did not reach, fall back to uint8 crops made on the CPU."""
     root = tmp_path / "mixed"
     root.mkdir()
     for p in sorted(big_jpegs.iterdir()):
         (root / p.name).write_bytes(p.read_bytes())
     photo(300, 200, seed=9).convert("CMYK").save(root / "cmyk.jpg", quality=95)
-    gpu_path_matches_cpu_path(root, "cpu")
+    photo(300, 200, seed=10).save(root / "zz.png")
+    np.save(root / "zz.npy", np.asarray(photo(300, 200, seed=11)))  # (H, W, 3) uint8
+    gpu_path_matches_cpu_path(root, "cpu", check_files=1)  # one header checked: a JPEG
     # a corrupt file inside a batch: decoded one by one, replaced by another image, counted
     good = ImageFolderDataset(big_jpegs, input_size=64, seed=5, decode="gpu", cuda=True)
     items = [good[0][0], EncodedImage(torch.frombuffer(bytearray(b"\xff\xd8garbage"), dtype=torch.uint8),

@@ -20,9 +20,9 @@ from tests.helpers import assert_close, randomize_
 REPO = Path(__file__).resolve().parents[1]
 
 
-def encoder_file(tmp_path, size="atto", depths=None, dims=None, seed=3, name="enc.pth"):
+def encoder_file(tmp_path, size="atto", depths=None, dims=None, seed=3, name="enc.pth", in_chans=3):
     """A random sparse encoder saved as a bare state dict; returns (encoder, path)."""
-    encoder = randomize_(sparse.build_encoder(size, depths=depths, dims=dims), seed).eval()
+    encoder = randomize_(sparse.build_encoder(size, depths=depths, dims=dims, in_chans=in_chans), seed).eval()
     path = tmp_path / name
     torch.save(encoder.state_dict(), path)
     return encoder, path
@@ -47,22 +47,24 @@ def no_downloads(monkeypatch):
 
 
 # ---------------------------------------------------------------- Hugging Face
-@pytest.mark.parametrize("size, depths, dims", [("atto", None, None), ("atto", (1, 2, 1, 1), (8, 16, 24, 32))],
-                         ids=["atto", "custom"])
-def test_hf_export_loads_cleanly_and_equals_timm(tmp_path, size, depths, dims):
+@pytest.mark.parametrize("size, depths, dims, in_chans", [("atto", None, None, 3), ("atto", (1, 2, 1, 1), (8, 16, 24, 32), 3),
+                                                     ("atto", (1, 1, 1, 1), (8, 16, 16, 16), 1)],
+                         ids=["atto", "custom", "one-channel"])
+def test_hf_export_loads_cleanly_and_equals_timm(tmp_path, size, depths, dims, in_chans):
     transformers = pytest.importorskip("transformers", reason="transformers (the optional 'hf' extra) not installed")
-    _, src = encoder_file(tmp_path, size, depths, dims)
+    _, src = encoder_file(tmp_path, size, depths, dims, in_chans=in_chans)
     out = tmp_path / "hf"
     assert convert([src, out, "--format", "hf", "--no-verify"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    assert json.loads((out / "config.json").read_text())["model_type"] == "convnextv2"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "convnextv2" and config["num_channels"] == in_chans
     model, info = transformers.ConvNextV2Model.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
     conversion = cv.load_weights(src)
-    dense = cv.build_dense(conversion.depths, conversion.dims, conversion.conv_mlp).eval()
+    dense = cv.build_dense(conversion.depths, conversion.dims, conversion.conv_mlp, in_chans=in_chans).eval()
     dense.load_state_dict(conversion.state_dict, strict=False)
-    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    imgs = torch.randn(2, in_chans, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hf = model.eval()(imgs, output_hidden_states=True)
         stages = dense.forward_intermediates(imgs, intermediates_only=True)

@@ -126,7 +126,7 @@ def test_world_size_comes_from_the_allocation(reference):
 
 @pytest.mark.parametrize("full", [False, True], ids=["steps", "full"])
 def test_scancel_term_saves_and_a_resubmission_resumes_exactly(reference, image_dir, tmp_path, jobs, full):
-    """`scancel --signal=TERM [--full]`: every rank saves at the next step; the same command resumes.
+    """`scancel --signal=TERM [--full]`: every rank saves its last optimizer step; the same command resumes.
 
     Without --full the tasks receive the SIGTERM themselves. With --full only the batch step is signalled:
     the launcher (the batch shell) passes it on through srun as SIGUSR1, the one signal srun forwards

@@ -25,7 +25,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -212,25 +212,3 @@ def find_resume(resume: Optional[str], output_dir: PathLike) -> Optional[Path]:
     if resume.lower() == "auto":
         return find_latest_checkpoint(output_dir)
     return Path(resume)
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], model_keys: Sequence[str],
-                   ignore: Sequence[str] = ()) -> "tuple[List[str], List[str]]":
-    """(model differences, other differences) between a checkpoint's config and this run's, as readable lines.
-
-    Args:
-        saved: the config stored in the checkpoint (plain types).
-        current: this run's config (plain types).
-        model_keys: settings that define the model's parameters; a difference there cannot be resumed.
-        ignore: settings whose change does not matter (output folders, dry run, ...).
-    """
-    model = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in model_keys
-             if _plain(saved.get(k)) != _plain(current.get(k))]
-    skip = set(model_keys) | set(ignore)
-    other = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in current
-             if k not in skip and _plain(saved.get(k)) != _plain(current.get(k))]
-    return model, other

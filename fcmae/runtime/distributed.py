@@ -49,10 +49,6 @@ class DistInfo:
     backend: Optional[str] = None  # None when not distributed
 
     @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -163,10 +159,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def barrier() -> None:

@@ -48,6 +48,12 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def model_changes(saved: Mapping[str, Any], current: Mapping[str, Any], model_keys: Sequence[str]) -> List[str]:
+    """The settings among `model_keys` (they define the model's parameters) that differ, as readable lines."""
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in model_keys
+            if _plain(saved.get(k)) != _plain(current.get(k))]
+
+
 def meaningful_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
                        harmless: Sequence[str]) -> "tuple[List[str], List[str]]":
     """(changes that matter, harmless changes) as `key: old -> new` lines; the plan entry is left out."""
