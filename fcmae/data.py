@@ -101,6 +101,27 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2 ** 63 - 1)
 
 
+class TensorEvalTransform:
+    """(C, H, W) float in [0, 1] -> shorter side to input_size / crop_pct (bicubic), centre crop, normalise.
+
+    Fine-tuning's evaluation transform (finetune/data.py) and the reconstruction picture's fixed batch.
+    """
+
+    def __init__(self, input_size: int, crop_pct: float, mean, std):
+        self.size, self.crop_pct = int(input_size), float(crop_pct)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        short = int(self.size / self.crop_pct)
+        th, tw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+        x = torch.nn.functional.interpolate(image[None].float(), size=(th, tw), mode="bicubic", align_corners=False,
+                                            antialias=True)[0]
+        top, left = (th - self.size) // 2, (tw - self.size) // 2
+        return (x[:, top:top + self.size, left:left + self.size] - self.mean) / self.std
+
+
 class ImageFolderDataset(Dataset):
     """All images below `root`; item i is (image tensor, tuple of (path, reason) of bad files met).
 
@@ -193,20 +214,13 @@ class ImageFolderDataset(Dataset):
 
         For the reconstruction picture; unreadable files are left out (None when none is readable).
         """
-        size = self.input_size
+        transform = TensorEvalTransform(self.input_size, 1.0, self.mean, self.std)
         images = []
         for i in np.linspace(0, len(self) - 1, min(count, len(self))).round().astype(int):
             try:
-                unit = self.load_unit(int(i))
+                images.append(transform(self.load_unit(int(i))))
             except (OSError, ValueError, Image.DecompressionBombError):
                 continue
-            h, w = unit.shape[-2:]
-            scale = size / min(h, w)
-            th, tw = max(size, round(h * scale)), max(size, round(w * scale))
-            resized = torch.nn.functional.interpolate(unit[None], size=(th, tw), mode="bicubic", align_corners=False,
-                                                      antialias=True)[0]
-            top, left = (th - size) // 2, (tw - size) // 2
-            images.append(self.normalise(resized[:, top:top + size, left:left + size]))
         return torch.stack(images) if images else None
 
     # ------------------------------------------------------------ training items

@@ -32,7 +32,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_in_chans, list_images, sample_crop, sample_seed
+from fcmae.data import (
+    IMAGENET_MEAN, IMAGENET_STD, DataError, TensorEvalTransform, check_in_chans, list_images, sample_crop, sample_seed,
+)
 from fcmae.image_io import ImageFormatError, array_crop, check_compatible, check_folder, read_info, read_pil, read_unit
 
 PathLike = Union[str, os.PathLike]
@@ -218,24 +220,6 @@ class TensorTrainTransform:
         x = (x.flip(-1) if flip else x) - self.mean
         x = x / self.std
         return self.erase(x) if self.erase is not None else x
-
-
-class TensorEvalTransform:
-    """(C, H, W) float in [0, 1] -> shorter side to input_size / crop_pct (bicubic), centre crop, normalise."""
-
-    def __init__(self, input_size: int, crop_pct: float, mean, std):
-        self.size, self.crop_pct = int(input_size), float(crop_pct)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        short = int(self.size / self.crop_pct)
-        th, tw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
-        x = torch.nn.functional.interpolate(image[None].float(), size=(th, tw), mode="bicubic", align_corners=False,
-                                            antialias=True)[0]
-        top, left = (th - self.size) // 2, (tw - self.size) // 2
-        return (x[:, top:top + self.size, left:left + self.size] - self.mean) / self.std
 
 
 def make_mixup(cfg, num_classes: int):
