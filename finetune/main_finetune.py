@@ -206,12 +206,15 @@ def _new_model(cfg: FinetuneConfig, num_classes: int):
 
 def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     root, classes = prepare_splits(cfg, info)
-    path = ckpt.find_resume(cfg.resume, cfg.output_dir) or (Path(cfg.finetune) if cfg.finetune else None)
-    path = distributed.broadcast_object(path)  # rank 0's choice: every rank evaluates the same file
+    resumed = ckpt.find_resume(cfg.resume, cfg.output_dir)
+    path = resumed or (Path(cfg.finetune) if cfg.finetune else None)
+    # rank 0's choice: every rank evaluates the same file
+    path, resumed = distributed.broadcast_object((path, resumed is not None))
     if path is None:
         raise UsageError(f"--eval needs a checkpoint: --resume PATH, a checkpoint in {cfg.output_dir}, "
                          "or CHECKPOINT")
-    saved = read_checkpoint(path)
+    # A training checkpoint of this command, or weights from elsewhere (.safetensors included), read safely.
+    saved = read_checkpoint(path) if resumed else read_pretrained(path)
     seed_everything(cfg.seed + info.rank)
     model = _new_model(cfg, len(classes))
     weights = {"model": model}

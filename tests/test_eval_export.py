@@ -12,6 +12,7 @@ import timm
 import torch
 
 import sparse
+from fcmae.runtime import checkpoint as ckpt
 from finetune import convert as cv
 from finetune.model import read_pretrained
 from finetune.weights import WeightsError, read_weights, write_weights
@@ -192,7 +193,7 @@ def test_finetuning_refuses_a_checkpoint_that_would_run_code(tmp_path):
                              "--num_workers", "0", "--output_dir", str(tmp_path / "ft")],
                             capture_output=True, text=True, cwd=REPO)
     assert not marker.exists()
-    assert str(path) in result.stderr
+    assert str(path) in result.stderr and "refused to load" in result.stderr
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -227,3 +228,14 @@ def test_finetune_and_evaluate_at_384(tmp_path):
     record = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
     assert record["model_count"] == 3 and 0 <= record["model_acc1"] <= 100
     assert "384" in (out / "config.yaml").read_text()
+
+    # The same weights as a .safetensors file given as CHECKPOINT: read as weights, the same evaluation.
+    weights = tmp_path / "classifier.safetensors"
+    write_weights(ckpt.load_checkpoint(out / "checkpoint-last.pth")["model"], weights)
+    again = subprocess.run([sys.executable, "-m", "finetune.main_finetune", "atto", str(weights), *common[:-1],
+                            str(tmp_path / "eval_st"), "--eval", "true", "--resume", "none"],
+                           capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-2000:]
+    other = json.loads((tmp_path / "eval_st" / "eval.jsonl").read_text().splitlines()[-1])
+    assert other["model_count"] == 3 and other["model_acc1"] == record["model_acc1"]
+    assert other["model_loss"] == pytest.approx(record["model_loss"], rel=1e-5)

@@ -98,7 +98,8 @@ def test_linear_probe_head_is_batchnorm_without_affine_then_linear():
 
 
 def test_checkpoint_weights_are_used(tmp_path, capsys):
-    """kNN with converted weights reads the file (features differ from those of random weights)."""
+    """load_backbone reads a converted weights file (the saved model's features, not random ones); the kNN
+    command then runs on it."""
     from finetune.model import load_backbone
 
     data = make_folder(tmp_path / "data", per_class=(2, 1))
