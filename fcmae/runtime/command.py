@@ -13,6 +13,7 @@ else is a bug and keeps its traceback. fcmae.runtime.launch uses the same `resol
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,15 @@ class Command:
 
     def fail(self, error: BaseException, code: int = EXIT_USAGE) -> NoReturn:
         print(f"{self.name}: error: {error}", file=sys.stderr, flush=True)
+        from fcmae.runtime.distributed import is_dist
+
+        if is_dist():
+            # The error left the process group up (distributed.cleanup: destroying it while the peers close
+            # races them). Python's own exit would tear it down and gloo can abort there (SIGABRT, "terminate
+            # called without an active exception") instead of exiting with `code`. Every file is written and
+            # every lock released by now (their blocks have unwound), so leave at once.
+            sys.stdout.flush()
+            os._exit(code)
         sys.exit(code)
 
     def main(self, argv: Optional[Sequence[str]] = None) -> NoReturn:
