@@ -2,10 +2,10 @@
 
     fcmae-pretrain base 800ep --data_path /data/cells --in_chans 1 --init convnextv2_base_1k_224_fcmae.pt
 
-The file is read safely: a .safetensors file (finetune/weights.py), or
-torch.load(weights_only=True) (fcmae/runtime/checkpoint.py, which also
-admits the reference release's `args`, an argparse.Namespace); its format is
-detected by finetune/convert.py:
+The file is read safely, by the reader of every weight file from elsewhere
+(finetune/weights.py: .safetensors, or torch.load(weights_only=True), which
+also admits the reference release's `args`, an argparse.Namespace); its
+format is detected by finetune/convert.py:
 
 - `fcmae`: this project's pre-training checkpoints (or the model's state
   dict): encoder and decoder.
@@ -87,12 +87,11 @@ def read_init(path) -> InitWeights:
     from finetune.convert import (
         DECODER_PREFIXES, ConversionError, convert, detect_format, reference_to_timm, to_encoder, unwrap,
     )
-    from fcmae.runtime.checkpoint import CheckpointError, load_checkpoint
-    from finetune.weights import SAFETENSORS_SUFFIX, WeightsError, read_weights
+    from finetune.weights import WeightsError, read_weights
 
-    try:  # both read tensors and plain types only; load_checkpoint also the reference's `args` (a Namespace)
-        obj = read_weights(path) if str(path).endswith(SAFETENSORS_SUFFIX) else load_checkpoint(path)
-    except (WeightsError, CheckpointError) as e:
+    try:  # tensors and plain types only (and the reference's `args`, a Namespace): no code from the file runs
+        obj = read_weights(path)
+    except WeightsError as e:
         raise InitError(f"--init: {e}") from None
     try:
         state, _ = unwrap(obj)

@@ -4,18 +4,20 @@ Every weight file that comes from outside this run (converter inputs,
 pre-trained weights for fine-tuning or evaluation, the reference release's
 checkpoints) is read here, and never by plain unpickling: a `.safetensors`
 file holds tensors only; any other file goes through
-`torch.load(weights_only=True)`, which builds tensors and plain Python types
-and refuses everything else, so a file that would run code when unpickled is
+`torch.load(weights_only=True)` (fcmae/runtime/checkpoint.py,
+`load_weights_only`), which builds tensors and plain Python types and
+refuses everything else, so a file that would run code when unpickled is
 rejected before any of its code runs.
 
-numpy arrays (this project's older training checkpoints hold numpy's RNG
-state) are allowed too, through the numpy reconstruction functions that
-torch documents as safe for `weights_only` loading.
+Two more types are allowed: argparse.Namespace (the reference release's
+training checkpoints hold their `args` as one), and numpy arrays (this
+project's older training checkpoints hold numpy's RNG state), through the
+numpy reconstruction functions that torch documents as safe for
+`weights_only` loading.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
+
+from fcmae.runtime.checkpoint import load_weights_only
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,11 +58,6 @@ def _numpy_globals() -> list:
         found += [getattr(dtypes, name) for name in dir(dtypes)
                   if name.endswith("DType") and isinstance(getattr(dtypes, name), type)]
     return found
-
-
-def _allow_numpy():
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    return safe_globals(_numpy_globals()) if safe_globals is not None else contextlib.nullcontext()
 
 
 def _refusal(error: Exception) -> str:
@@ -95,8 +94,7 @@ def read_weights(path: PathLike) -> Dict[str, Any]:
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"cannot read {path}: not a valid safetensors file ({e})") from None
     try:
-        with _allow_numpy():
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_weights_only(path, "cpu", allowed=_numpy_globals())
     except pickle.UnpicklingError as e:
         if not re.search(r"GLOBAL|reduce", str(e)):  # no object to build: not a pickle (text, random bytes)
             raise WeightsError(f"cannot read {path}: not a PyTorch checkpoint ({_refusal(e)})") from None

@@ -209,6 +209,28 @@ def test_training_checkpoints_with_numpy_rng_state_are_read(tmp_path):
     assert cv.load_weights(path).depths == (1, 1, 1, 1)
 
 
+def test_reference_training_checkpoints_with_their_args_are_read_by_every_reader(tmp_path):
+    # The reference release saves {'model', 'optimizer', 'epoch', 'scaler', 'args'}, args an
+    # argparse.Namespace: the converter, fine-tuning's and kNN's readers and --init all take it.
+    import argparse
+
+    from finetune.model import load_backbone
+    from tests.test_own_data import DEPTHS, DIMS, fcmae_checkpoint
+
+    path = tmp_path / "checkpoint-799.pth"
+    fcmae_checkpoint(path, reference=True)
+    saved = torch.load(path, weights_only=False)
+    saved.update(optimizer={"state": {}, "param_groups": []}, scaler={"scale": 65536.0})
+    torch.save(saved, path)
+    assert isinstance(read_weights(path)["args"], argparse.Namespace)
+    assert read_pretrained(path)["epoch"] == 799
+    assert tuple(load_backbone(str(path)).stem[0].weight.shape) == (DIMS[0], 3, 4, 4)
+    with pytest.raises(SystemExit) as exit_info:
+        cv.main([str(path), str(tmp_path / "timm.safetensors")])
+    assert exit_info.value.code == 0
+    assert cv.load_weights(tmp_path / "timm.safetensors").depths == tuple(DEPTHS)
+
+
 # ---------------------------------------------------------------- 384 pixels
 def test_finetune_and_evaluate_at_384(tmp_path):
     from tests.test_knn_linprobe import make_folder

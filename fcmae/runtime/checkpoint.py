@@ -25,7 +25,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = _load_weights_only(path, map_location)
+        obj = load_weights_only(path, map_location)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint of tensors and plain "
@@ -80,16 +80,19 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     return obj
 
 
-def _load_weights_only(path: Path, map_location) -> Any:
+def load_weights_only(path: PathLike, map_location: Union[str, torch.device] = "cpu", allowed: Sequence = ()) -> Any:
     """torch.load(weights_only=True), memory-mapped for zip-format files (all torch.save writes since 1.6).
 
-    The reference release's `args` (an argparse.Namespace) is allowed too.
+    The one place this project unpickles torch files. Besides tensors and
+    plain types it admits argparse.Namespace (the reference release's
+    checkpoints hold their `args` as one) and the globals in `allowed`.
+    Errors are torch's; the callers turn them into one-line messages.
     """
     mmap = zipfile.is_zipfile(path)  # the legacy format cannot be mapped
     safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     if safe_globals is None:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    with safe_globals([argparse.Namespace]):
+    with safe_globals([argparse.Namespace, *allowed]):
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
