@@ -44,7 +44,7 @@ def decoder_forward_flops(encoder_dim: int, decoder_dim: int, decoder_depth: int
 
 
 def step_flops(depths: Sequence[int], dims: Sequence[int], batch: int, num_patches: int, kept: int,
-               decoder_dim: int = 0, decoder_depth: int = 0) -> int:
+               decoder_dim: int = 0, decoder_depth: int = 0, in_chans: int = 3) -> int:
     """FLOPs of one training step (forward + backward = 3x forward) of the encoder, plus the decoder if given.
 
     Args:
@@ -53,8 +53,9 @@ def step_flops(depths: Sequence[int], dims: Sequence[int], batch: int, num_patch
         num_patches: patches per image (the decoder runs on all of them).
         kept: visible patches per image (the encoder's useful work).
         decoder_dim, decoder_depth: FCMAE's decoder; 0 for the encoder alone.
+        in_chans: image channels (the stem's input and the decoder's prediction).
     """
-    forward = encoder_forward_flops(depths, dims, batch * kept)
+    forward = encoder_forward_flops(depths, dims, batch * kept, in_chans)
     if decoder_depth:
-        forward += decoder_forward_flops(dims[-1], decoder_dim, decoder_depth, batch * num_patches)
+        forward += decoder_forward_flops(dims[-1], decoder_dim, decoder_depth, batch * num_patches, in_chans)
     return 3 * forward

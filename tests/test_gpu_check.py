@@ -33,14 +33,17 @@ def test_encoder_flops_match_the_flop_counter_on_the_dense_model(depths, dims, i
     assert encoder_forward_flops(depths, dims, kept_patches=2 * (img // 32) ** 2) == counted
 
 
-def test_decoder_and_step_flops_match_the_flop_counter():
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_decoder_and_step_flops_match_the_flop_counter(in_chans):
     """FCMAE on the dense encoder sees every site: its counted forward is encoder + decoder."""
     depths, dims = (1, 1, 1, 1), (8, 16, 24, 32)
-    model = build_fcmae("atto", img_size=64, decoder_dim=16, depths=depths, dims=dims)
+    model = build_fcmae("atto", img_size=64, decoder_dim=16, depths=depths, dims=dims, in_chans=in_chans)
     decoder_only = counted_flops(lambda: model.forward_decoder(torch.randn(2, 32, 2, 2), torch.ones(2, 4)))
-    assert decoder_forward_flops(32, 16, 1, sites=2 * 4) == decoder_only
-    forward = encoder_forward_flops(depths, dims, 2 * 4) + decoder_only
-    assert step_flops(depths, dims, batch=2, num_patches=4, kept=4, decoder_dim=16, decoder_depth=1) == 3 * forward
+    assert decoder_forward_flops(32, 16, 1, sites=2 * 4, in_chans=in_chans) == decoder_only
+    dense = ConvNeXt(in_chans=in_chans, depths=depths, dims=dims, ls_init_value=None, use_grn=True, num_classes=0)
+    encoder_only = counted_flops(lambda: dense.forward_features(torch.randn(2, in_chans, 64, 64)))
+    assert step_flops(depths, dims, batch=2, num_patches=4, kept=4, decoder_dim=16, decoder_depth=1,
+                      in_chans=in_chans) == 3 * (encoder_only + decoder_only)
 
 
 def test_masked_image_dense_encoder_zeroes_masked_pixels():
