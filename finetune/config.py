@@ -78,8 +78,6 @@ class FinetuneConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check_mean_std_setting(self.in_chans, self.mean, self.std)
-        if self.mixes and self.batch_size % 2:
-            raise ConfigError(f"Mixup/CutMix need an even batch_size, got {self.batch_size}")
         if self.finetune is not None and not Path(self.finetune).is_file():
             raise ConfigError(f"checkpoint not found: {self.finetune} (give an FCMAE checkpoint, a file written by "
                               "fcmae-convert, or `none` to train from scratch)")

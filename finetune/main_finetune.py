@@ -77,8 +77,9 @@ def plan_run(cfg: FinetuneConfig, world_size: int, num_images=None) -> Plan:
     """make_plan, and Mixup/CutMix's need of an even per-GPU batch after the batch is fitted."""
     plan = make_plan(cfg, world_size, num_images)
     if cfg.mixes and plan.batch_size % 2:
-        raise PlanError(f"Mixup/CutMix need an even per-GPU batch, but {plan.effective_batch} images over "
-                        f"{world_size} processes give {plan.batch_size}; change --effective_batch or the GPU count")
+        raise PlanError(f"Mixup/CutMix need an even per-GPU batch, got {plan.batch_size} (effective batch "
+                        f"{plan.effective_batch} over {world_size} processes); change --batch_size, "
+                        "--effective_batch or the GPU count")
     return plan
 
 

@@ -88,7 +88,8 @@ def test_launcher_takes_paths_relative_to_the_callers_directory(tmp_path):
     (["atto", "missing.pth", "--demo"], "checkpoint not found"),
     (["atto", "none", "--demo", "--unknown_key", "1"], "unknown config key 'unknown_key'"),
     (["atto", "none", "--demo", "--layer_decay_type", "stagewise"], "layer_decay_type"),
-    (["atto", "none", "--demo", "--mixup", "0.8", "--batch_size", "7"], "even batch_size"),
+    (["atto", "none", "--demo", "--mixup", "0.8", "--batch_size", "7", "--effective_batch", "7"],
+     "even per-GPU batch, got 7"),
     (["giant", "none", "--demo"], "unknown ConvNeXt V2 size"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(capsys, argv, message):
@@ -97,6 +98,15 @@ def test_bad_settings_are_refused_before_anything_runs(capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
+
+
+def test_mixup_takes_an_odd_batch_size_that_the_plan_makes_even(capsys):
+    # Only the fitted per-GPU batch must be even: 7 is lowered to 4 (4 x 2 accumulation = 8).
+    with pytest.raises(SystemExit) as e:
+        ft.main(["atto", "none", "--demo", "--mixup", "0.8", "--batch_size", "7", "--effective_batch", "8",
+                 "--dry_run"])
+    assert e.value.code == 0
+    assert re.search(r"per-GPU batch +4\n", capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------- layer decay
