@@ -85,7 +85,7 @@ def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epo
         # Every rank takes steps_per_epoch steps: its shard in a new order, repeated as needed.
         repeats = math.ceil(steps_per_epoch * batch_size / max(feats.shape[0], 1))
         order = torch.cat([torch.randperm(feats.shape[0], generator=gen) for _ in range(repeats)]).to(device)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for step in range(steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + step, total, warmup, lr)
@@ -94,9 +94,9 @@ def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epo
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
         if log is not None:
-            log(epoch + 1, loss_sum / steps_per_epoch, optimizer.param_groups[0]["lr"])
+            log(epoch + 1, float(loss_sum) / steps_per_epoch, optimizer.param_groups[0]["lr"])
     return head.eval()
 
 

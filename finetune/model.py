@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence
 
 import torch.nn as nn
 
-from finetune.convert import ConversionError, build_dense, convert, describe_arch, uses_conv_mlp
+from finetune.convert import Conversion, ConversionError, build_dense, convert, describe_arch, uses_conv_mlp
 from finetune.weights import WeightsError, read_weights
 from sparse.sizes import check_size, resolve_arch, size_of
 
@@ -61,16 +61,23 @@ class LoadReport:
 def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") -> LoadReport:
     """Load an FCMAE checkpoint (converted on the fly), converted weights, or a classifier checkpoint.
 
-    `checkpoint` is the loaded object. The architecture must match the
-    model's (a clear error otherwise). Head weights of another class count
-    are dropped (the head stays freshly initialised); every other tensor
-    must fit.
+    `checkpoint` is the loaded object, or the `Conversion` of it that the
+    caller has already made (with the model's conv_mlp; not converted again).
+    The architecture must match the model's (a clear error otherwise). Head
+    weights of another class count are dropped (the head stays freshly
+    initialised); every other tensor must fit.
     """
     depths, dims = model.arch
-    try:
-        conversion = convert(checkpoint, conv_mlp=uses_conv_mlp(size_of(depths, dims)))
-    except ConversionError as e:
-        raise ConversionError(f"{path}: {e}") from None
+    conv_mlp = uses_conv_mlp(size_of(depths, dims))
+    if isinstance(checkpoint, Conversion):
+        if checkpoint.conv_mlp != conv_mlp:
+            raise ValueError(f"the conversion was made with conv_mlp={checkpoint.conv_mlp}, the model needs {conv_mlp}")
+        conversion = checkpoint
+    else:
+        try:
+            conversion = convert(checkpoint, conv_mlp=conv_mlp)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from None
     if (conversion.depths, conversion.dims) != (tuple(depths), tuple(dims)):
         raise ConversionError(
             f"size mismatch: {path} holds {describe_arch(conversion.depths, conversion.dims)}, but the model to "
@@ -126,10 +133,10 @@ def load_backbone(checkpoint: Optional[str], size: Optional[str] = None, depths:
     state = read_pretrained(checkpoint)
     if size is None and depths is None and dims is None:
         try:
-            conversion = convert(state)
+            state = convert(state)  # the architecture is the file's; the model's conv_mlp is the default's
         except ConversionError as e:
             raise ConversionError(f"{checkpoint}: {e}") from None
-        size, depths, dims = conversion.size or "atto", conversion.depths, conversion.dims
+        size, depths, dims = state.size or "atto", state.depths, state.dims
     model = build_model(size or "atto", 0, depths=depths, dims=dims)
     load_pretrained(model, state, str(checkpoint))
     return model.eval()

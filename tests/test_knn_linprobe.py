@@ -91,23 +91,41 @@ def test_knn_and_linprobe_commands(tmp_path, capsys):
     assert float(out.split("linprobe  top-1 ")[1].split("%")[0]) >= 80
 
 
+def test_linear_probe_reads_the_loss_on_the_host_once_per_epoch(monkeypatch):
+    # A host read of a GPU tensor waits for the device: once per epoch for the log, not once per step.
+    reads = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real_float(t))
+    feats, labels = torch.randn(24, 8), torch.arange(24) % 3
+    logged = []
+    linprobe.train_probe(feats, labels, 3, epochs=2, batch_size=4, warmup_epochs=1,
+                         log=lambda epoch, loss, lr: logged.append(loss))
+    assert len(logged) == 2 and all(loss > 0 for loss in logged)
+    assert len(reads) == 2  # 6 steps per epoch
+
+
 def test_linear_probe_head_is_batchnorm_without_affine_then_linear():
     head = linprobe.LinearProbe(16, 5)
     assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine
     assert isinstance(head[1], torch.nn.Linear) and float(head[1].bias.detach().abs().sum()) == 0
 
 
-def test_checkpoint_weights_are_used(tmp_path, capsys):
+def test_checkpoint_weights_are_used(tmp_path, capsys, monkeypatch):
     """load_backbone reads a converted weights file (the saved model's features, not random ones); the kNN
     command then runs on it."""
+    from finetune import model as finetune_model
     from finetune.model import load_backbone
 
     data = make_folder(tmp_path / "data", per_class=(2, 1))
     model = load_backbone(None, "atto", [1, 1, 1, 1], [8, 16, 16, 16], seed=5)
     path = tmp_path / "w.pth"
     torch.save(model.state_dict(), path)
+    conversions = []
+    real_convert = finetune_model.convert
+    monkeypatch.setattr(finetune_model, "convert", lambda *a, **k: conversions.append(1) or real_convert(*a, **k))
     again = load_backbone(str(path))
     assert again.arch == ((1, 1, 1, 1), (8, 16, 16, 16))
+    assert len(conversions) == 1  # the file's architecture and its weights come from one conversion
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(again.forward_features(x), model.forward_features(x))
     code, out, err = run_main(knn.main, [str(path), "--data_path", str(data), *RUN], capsys)
