@@ -124,6 +124,16 @@ def write_weights(state_dict: Dict[str, torch.Tensor], path: PathLike, metadata:
     bad = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
     if bad:
         raise WeightsError(f"safetensors holds tensors only; not tensors: {', '.join(bad[:5])}")
-    # safetensors refuses tensors that share memory; contiguous copies do not.
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    # safetensors refuses tensors that share memory (tied weights, views of one buffer): those are
+    # copied; the others are written as they are, so a large model is held at most twice (itself and
+    # the bytes safetensors makes).
+    storages = {}
+    for value in state_dict.values():
+        storages[_storage_key(value)] = storages.get(_storage_key(value), 0) + 1
+    tensors = {k: v.detach().clone() if storages[_storage_key(v)] > 1 else v.detach().contiguous()
+               for k, v in state_dict.items()}
     return write_atomic(path, lambda f: f.write(save(tensors, metadata=metadata)))
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return tensor.device.type, tensor.untyped_storage().data_ptr()

@@ -123,6 +123,18 @@ def test_reference_format_cannot_be_written_as_safetensors(tmp_path, capsys):
     assert "safetensors cannot hold" in err and len(err.strip().splitlines()) == 1
 
 
+def test_safetensors_copies_only_tensors_that_share_memory(tmp_path, monkeypatch):
+    base = torch.arange(12.0)
+    state = {"tied.a": base[:6].view(2, 3), "tied.b": base[6:], "alone": torch.ones(4), "view": torch.ones(3, 2).t()}
+    clones = []
+    real_clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(tuple(t.shape)) or real_clone(t, *a, **k))
+    write_weights(state, tmp_path / "w.safetensors")
+    assert sorted(clones) == [(2, 3), (6,)]  # a large model is not held three times while it is written
+    back = read_weights(tmp_path / "w.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
 def test_safetensors_input_is_read(tmp_path):
     state = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
     write_weights(state, tmp_path / "w.safetensors")
