@@ -316,9 +316,20 @@ def visible_depthwise_conv(sites, x: torch.Tensor, conv: torch.nn.Conv2d) -> tor
     """The depthwise `conv` of the kept patches x (N, K, p, p, C), by this device's and stage's method."""
     p = x.shape[2]
     method = depthwise_method(x.device.type, p)
-    uses_windows = method.conv == "windows" or method.weight_grad in ("windows", "windows-grouped", "loop")
-    index = window_index(sites, p, x.device) if uses_windows else None
+    index = stage_indices(sites, p, method, x.device)
     return VisibleDepthwiseConv.apply(x, conv.weight, conv.bias, sites, method, index)
+
+
+def stage_indices(sites, p: int, method: DepthwiseMethod, device: torch.device) -> Optional[torch.Tensor]:
+    """Make every index `VisibleDepthwiseConv` reads at this stage; return its window index (None if unused).
+
+    The indices are cached on `sites`, and made here, before the
+    autograd.Function, so that none is created inside it (see window_index).
+    """
+    for pad, images_last in ((0, False), (HALO, False), (HALO, True)):  # the scatters and the gather
+        sites.site_rows(p, pad, images_last)
+    uses_windows = method.conv == "windows" or method.weight_grad in ("windows", "windows-grouped", "loop")
+    return window_index(sites, p, device) if uses_windows else None
 
 
 # -- a dense depthwise conv with the grouped weight gradient -------------------

@@ -94,14 +94,32 @@ class PatchSites(Sites):
         self.rows = kept // self.grid_w  # (N, K) patch row of each kept patch
         self.cols = kept % self.grid_w  # (N, K) patch column
         self.batch_index = torch.arange(n, device=visible.device).unsqueeze(1)  # (N, 1)
+        self._site_rows = {}  # (p, pad, images_last) -> flat index of the kept sites in a map
+
+    def site_rows(self, p: int, pad: int = 0, images_last: bool = False) -> torch.Tensor:
+        """Row of each kept site, in (N, K, p, p) order, in the map viewed as (sites, C) rows (cached).
+
+        The map has p x p sites per patch and `pad` extra sites on every side,
+        laid out (N, H, W) or, with `images_last`, (H, W, N). Gathers and
+        scatters through this index are one index_select or index_copy over
+        whole rows of C channels.
+        """
+        key = (p, pad, images_last)
+        if key not in self._site_rows:
+            height, width = self.grid_h * p + 2 * pad, self.grid_w * p + 2 * pad
+            offsets = torch.arange(p, device=self.rows.device)
+            ys = (pad + self.rows * p).unsqueeze(-1) + offsets  # (N, K, p) map row of each patch row
+            xs = (pad + self.cols * p).unsqueeze(-1) + offsets  # (N, K, p) map column
+            site = ys.unsqueeze(-1) * width + xs.unsqueeze(-2)  # (N, K, p, p) site within one image's map
+            image = self.batch_index.view(-1, 1, 1, 1)
+            rows = site * self.batch_size + image if images_last else image * (height * width) + site
+            self._site_rows[key] = rows.reshape(-1)
+        return self._site_rows[key]
 
     def _gather_patches(self, dense: torch.Tensor, p: int) -> torch.Tensor:
         """(N, Hp*p, Wp*p, C) channels-last map -> (N, K, p, p, C) kept patches."""
         n, _, _, c = dense.shape
-        blocks = dense.reshape(n, self.grid_h, p, self.grid_w, p, c)
-        # Advanced indices on axes 1 and 3 are split by a slice, so their
-        # (N, K) shape comes first: the result is (N, K, p, p, C).
-        return blocks[self.batch_index, self.rows, :, self.cols]
+        return dense.reshape(-1, c).index_select(0, self.site_rows(p)).view(n, self.num_kept, p, p, c)
 
     def _scatter_patches(self, x: torch.Tensor, pad: int = 0, images_last: bool = False) -> torch.Tensor:
         """(N, K, p, p, C) kept patches -> zero-filled (N, Hp*p + 2*pad, Wp*p + 2*pad, C) map.
@@ -110,17 +128,10 @@ class PatchSites(Sites):
         of the map). `images_last`: lay the map out (H, W, N, C) instead.
         """
         n, _, p, _, c = x.shape
-        h, w = self.grid_h * p, self.grid_w * p
-        if images_last:
-            dense = x.new_zeros(h + 2 * pad, w + 2 * pad, n, c)
-            blocks = dense[pad:pad + h, pad:pad + w].view(self.grid_h, p, self.grid_w, p, n, c)
-            # Advanced indices on axes 0, 2 and 4 are split by slices: their (N, K) shape comes first.
-            blocks[self.rows, :, self.cols, :, self.batch_index] = x
-            return dense
-        dense = x.new_zeros(n, h + 2 * pad, w + 2 * pad, c)
-        blocks = dense[:, pad:pad + h, pad:pad + w].view(n, self.grid_h, p, self.grid_w, p, c)
-        blocks[self.batch_index, self.rows, :, self.cols] = x
-        return dense
+        height, width = self.grid_h * p + 2 * pad, self.grid_w * p + 2 * pad
+        dense = x.new_zeros(n * height * width, c)
+        dense.index_copy_(0, self.site_rows(p, pad, images_last), x.reshape(-1, c))
+        return dense.view(height, width, n, c) if images_last else dense.view(n, height, width, c)
 
     @staticmethod
     def _patchwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -137,9 +148,14 @@ class PatchSites(Sites):
         return F.linear(x, weight, conv.bias)
 
     def stem(self, imgs, conv):
-        # Pixels of the kept 32x32 patches only, then the 4x4 stride-4 conv.
-        patches = self._gather_patches(imgs.permute(0, 2, 3, 1), PATCH_PIXELS)  # (N, K, 32, 32, 3)
-        return self._patchwise_conv(patches, conv)
+        # Pixels of the kept 32x32 patches only, then the 4x4 stride-4 conv. The images are not
+        # channels-last in memory, so advanced indexing on the strided view beats a flat index
+        # (which would copy every image first). Indices on axes 1 and 3 are split by a slice,
+        # so their (N, K) shape comes first: (N, K, 32, 32, in_chans).
+        pixels = imgs.permute(0, 2, 3, 1)
+        n, _, _, c = pixels.shape
+        blocks = pixels.reshape(n, self.grid_h, PATCH_PIXELS, self.grid_w, PATCH_PIXELS, c)
+        return self._patchwise_conv(blocks[self.batch_index, self.rows, :, self.cols], conv)
 
     def depthwise_conv(self, x, conv):
         # Each part by the method that is fastest for this device and stage.

@@ -100,14 +100,14 @@ def test_method_table_and_overrides():
 
 @pytest.mark.parametrize("method", ["windows,windows", "dense,loop", "dense,dense-grouped", "dense,windows-grouped"])
 def test_traces_without_graph_breaks(method):
-    """torch.compile sees the Function as one graph: no tensor made inside it escapes (index made outside)."""
+    """torch.compile sees the Function as one graph: no tensor made inside it escapes (indices made outside)."""
     import torch._dynamo as dynamo
 
     sites, x, _, weight, bias = stage(4)
     parsed = depthwise.parse_method(method)
 
     def loss(x, weight, bias):
-        index = depthwise.window_index(sites, 4, x.device)
+        index = depthwise.stage_indices(sites, 4, parsed, x.device)
         return depthwise.VisibleDepthwiseConv.apply(x, weight, bias, sites, parsed, index).square().sum()
 
     dynamo.reset()
