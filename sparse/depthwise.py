@@ -43,8 +43,10 @@ device and stage), e.g. "windows,windows".
 
 Nothing here reads tensor values on the host: no .item(), no nonzero(),
 no branching on data, so the op is free of device syncs. The method is a
-Python constant per (device, stage), and the window index is made before
-the autograd.Function, so torch.compile traces it without graph breaks
+Python constant per (device, stage), and the indices it reads (the halo
+windows', and `PatchSites.site_rows` for scatters and gathers) are made
+before the autograd.Function (`stage_indices`), so torch.compile traces it
+without graph breaks
 (tests/test_depthwise.py). The CUDA rows were measured on one H100; the
 default CUDA methods run in tests/test_cuda.py (where a GPU is present), the
 others have run on CUDA only in `--mode dwconv`. The grouped methods and
