@@ -102,14 +102,14 @@ def _slurm_master_addr() -> str:
 
 
 TIMEOUT_VARIABLE = "FCMAE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_MINUTES = 30
 
 
-def process_group_timeout(default_minutes: float = 30, env: Optional[Mapping[str, str]] = None) -> datetime.timedelta:
-    """How long a collective may wait: `FCMAE_DIST_TIMEOUT` seconds when set, else `default_minutes`."""
-    env = os.environ if env is None else env
-    value = env.get(TIMEOUT_VARIABLE, "")
+def process_group_timeout() -> datetime.timedelta:
+    """How long a collective may wait: `FCMAE_DIST_TIMEOUT` seconds when set, else `DEFAULT_TIMEOUT_MINUTES`."""
+    value = os.environ.get(TIMEOUT_VARIABLE, "")
     if value == "":
-        return datetime.timedelta(minutes=default_minutes)
+        return datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
     try:
         seconds = float(value)
     except ValueError:
@@ -119,11 +119,11 @@ def process_group_timeout(default_minutes: float = 30, env: Optional[Mapping[str
     return datetime.timedelta(seconds=seconds)
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
+def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the default process group from the environment (if several processes).
 
     Returns a `DistInfo`; on CUDA, also selects this process's GPU. Collectives
-    time out after `timeout_minutes` (or FCMAE_DIST_TIMEOUT seconds).
+    time out after `process_group_timeout()` (30 minutes, or FCMAE_DIST_TIMEOUT seconds).
     """
     info = env_rank_info()
     dev = resolve_device(device, info["local_rank"])
@@ -143,7 +143,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistI
             init_method="env://",
             rank=info["rank"],
             world_size=info["world_size"],
-            timeout=process_group_timeout(timeout_minutes),
+            timeout=process_group_timeout(),
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(info["rank"], info["world_size"], info["local_rank"], dev, backend)
