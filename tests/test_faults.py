@@ -252,6 +252,17 @@ def test_a_lock_of_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path
     assert not path.exists()
 
 
+def test_every_rank_checks_the_output_folder_and_only_rank_0_locks_it(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for enabled in (True, False):  # rank 0 (the lock's check), the other ranks (the check alone)
+        with pytest.raises(ckpt.CheckpointError, match="is not writable"):
+            with lock.hold(blocker / "out", enabled=enabled):
+                pass
+    with lock.hold(tmp_path / "new", enabled=False) as held:
+        assert held is None and (tmp_path / "new").is_dir() and not (tmp_path / "new" / lock.LOCK_NAME).exists()
+
+
 def test_a_lock_of_a_reused_pid_on_this_host_is_stale(tmp_path):
     """The pid is alive (this test's parent) but started at another time than the lock file records."""
     folder = tmp_path / "out"
