@@ -11,10 +11,11 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from fcmae import main_pretrain
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import launch
+from fcmae.runtime import launch, slurm
 from fcmae.runtime.distributed import env_rank_info
 from fcmae.runtime.launch import LaunchError, world_from_environment
 from fcmae.runtime.logs import read_jsonl
@@ -27,7 +28,7 @@ BATCH_SHELL = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": 
 
 @pytest.fixture
 def no_gpus(monkeypatch):
-    monkeypatch.setattr(launch, "count_gpus", lambda env: 0)
+    monkeypatch.setattr(launch, "count_gpus", lambda: 0)
 
 
 # ---------------------------------------------------------------- the world of an allocation
@@ -60,6 +61,30 @@ def test_cpu_processes_are_not_labelled_as_gpus(no_gpus):
     world = world_from_environment({"NPROC_PER_NODE": "2"})
     assert (world.launcher, world.size, world.gpus_per_node) == ("torchrun", 2, 0)
     assert "world size 2 (CPU)" in world.describe()
+
+
+def test_the_gpus_per_node_are_those_torch_sees_outside_slurm(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    world = world_from_environment({})
+    assert (world.launcher, world.size, world.gpus_per_node) == ("torchrun", 2, 2)
+    assert "world size 2 (2 GPU(s) per node)" in world.describe()
+
+
+def test_master_addr_is_the_allocations_first_host(tmp_path, monkeypatch):
+    """One function for the launcher (srun's environment) and for ranks started without it."""
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$3" = "node[3-4]" ] && printf "node3\\nnode4\\n" || exit 1\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert slurm.master_addr({"SLURM_JOB_NODELIST": "node[3-4]"}) == "node3"
+    assert slurm.master_addr({"SLURM_NODELIST": "node[3-4]"}) == "node3"
+    assert slurm.master_addr({"SLURM_JOB_NODELIST": "bad["}) == "127.0.0.1"  # scontrol fails
+    assert slurm.master_addr({}) == "127.0.0.1"
+    srun_env = launch._srun_environment({"SLURM_JOB_NODELIST": "node[3-4]"})
+    assert (srun_env["MASTER_ADDR"], srun_env["MASTER_PORT"]) == ("node3", "29500")
+    assert launch._srun_environment({"SLURM_JOB_NODELIST": "node[3-4]", "MASTER_ADDR": "h"})["MASTER_ADDR"] == "h"
+    monkeypatch.setenv("PATH", str(tmp_path / "missing"))  # no scontrol at all
+    assert slurm.master_addr({"SLURM_JOB_NODELIST": "node[3-4]"}) == "127.0.0.1"
 
 
 # ---------------------------------------------------------------- ranks only inside an srun step

@@ -24,7 +24,6 @@ Decisions that every rank must share are made once and agreed on:
 
 import datetime
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -90,17 +89,6 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if nodelist:
-        try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-            return out.stdout.split()[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            pass
-    return "127.0.0.1"
-
-
 TIMEOUT_VARIABLE = "FCMAE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_MINUTES = 30
 
@@ -132,7 +120,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if info["world_size"] <= 1:
         return DistInfo(0, 1, 0, dev, None)
     if "RANK" not in os.environ:  # SLURM's variables: export torch's for init_method="env://"
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = slurm.master_addr(os.environ)
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info["rank"]), str(info["world_size"])
         os.environ["LOCAL_RANK"] = str(info["local_rank"])
