@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from fcmae.runtime import launch, slurm
 from fcmae.runtime.distributed import env_rank_info
 from fcmae.runtime.launch import LaunchError, world_from_environment
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import TINY_ARGS
+from tests import helpers
+from tests.helpers import single_process_env
 
 # `sbatch --ntasks-per-node 2` on one CPU node, in the batch shell (no step).
 BATCH_SHELL = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NTASKS": "2",
@@ -109,10 +111,8 @@ def test_slurm_ranks_inside_a_step_or_with_the_launchers_marker():
 
 
 # ---------------------------------------------------------------- when the stop is seen, what is saved first
-def tiny_args(data, out, *extra):
-    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), *TINY_ARGS, "--decoder_dim", "32",
-            "--input_size", "64", "--mask_ratio", "0.5", "--epochs", "2", "--warmup_epochs", "1", "--num_workers",
-            "0", "--print_every", "1", "--vis_images", "2", "--save_every", "1", "--device", "cpu", *extra]
+# The shared tiny run with the command's own batch size, effective batch and checkpoints kept.
+tiny_args = partial(helpers.tiny_args, batch_size=None, effective_batch=None, keep_checkpoints=None)
 
 
 def run(args):
@@ -200,10 +200,9 @@ def test_a_stop_signal_while_torch_is_imported_stops_the_run_cleanly(image_dir, 
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.Popen([sys.executable, "-m", "fcmae.main_pretrain", *tiny_args(image_dir, out, "--batch_size", "4",
                                                                             "--effective_batch", "4")], cwd=repo,
-                            env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=single_process_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 60
     while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is being imported
