@@ -85,8 +85,8 @@ def check_mean_std(mean: Sequence[float], std: Sequence[float], in_chans: int) -
     return tuple(out)
 
 
-def resolve_mean_std(mean, std, dataset, logger: Optional[Callable[[str], None]] = print,
-                     seed: int = 0) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+def resolve_mean_std(mean, std, dataset,
+                     logger: Optional[Callable[[str], None]] = print) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """The normalisation of `dataset` (which has in_chans, dtype, load_unit).
 
     mean/std: sequences of in_chans values; 'auto' (both, or either: computed,
@@ -103,7 +103,7 @@ def resolve_mean_std(mean, std, dataset, logger: Optional[Callable[[str], None]]
         for name, value in (("mean", mean), ("std", std)):
             if isinstance(value, str) and value != "auto":
                 raise DataError(f"{name} must be 'auto' or a list of {in_chans} numbers, got {value!r}")
-        auto_mean, auto_std = channel_stats(dataset, seed=seed, logger=logger)
+        auto_mean, auto_std = channel_stats(dataset, logger=logger)
         mean = auto_mean if isinstance(mean, str) else mean
         std = auto_std if isinstance(std, str) else std
     return check_mean_std(mean, std, in_chans)

@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 Line = Tuple[str, str]
 
@@ -138,15 +138,11 @@ def gpu_lines(torch) -> List[Line]:
         return [("GPUs", _error(exc))]
 
 
-def collect(torch_info: Callable[[], List[Line]] = torch_lines) -> List[Line]:
-    """Every line of the report, in order.
-
-    Args:
-        torch_info: produces the torch and GPU lines (replaceable in tests).
-    """
+def collect() -> List[Line]:
+    """Every line of the report, in order."""
     lines = [project_line(), ("Python", f"{platform.python_version()} ({sys.executable})"),
              ("platform", platform.platform())]
-    lines += torch_info()
+    lines += torch_lines()
     lines += [package_line(*entry) for entry in REQUIRED]
     lines += [package_line(*entry) for entry in OPTIONAL]
     return lines

@@ -51,7 +51,7 @@ from fcmae.model import build_fcmae
 from fcmae.optim import build_optimizer
 from fcmae.pretrain_config import PretrainConfig, resolve_config as _resolve
 from fcmae.runtime import distributed, lock, resume_check
-from fcmae.runtime.command import Command, UsageError, check_output_dir, resume_checkpoint
+from fcmae.runtime.command import Command, UsageError, resume_checkpoint
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.device import autocast_context, grad_scaler, model_compiler, precision_note, run_process
 from fcmae.runtime.loader import seed_everything, train_loader
@@ -170,8 +170,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     if cfg.world_size and cfg.world_size != info.world_size:
         log(f"note: planned world size {cfg.world_size} but {info.world_size} processes are running; "
             f"using {info.world_size}")
-    out = Path(cfg.output_dir)
-    check_output_dir(out)
+    out = Path(cfg.output_dir)  # created and checked writable by lock.hold on every rank
     compile_fn = model_compiler(cfg, device)
 
     # Everything that can fail on bad input comes before any compute; rank 0 builds the demo set first.

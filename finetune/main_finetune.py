@@ -42,7 +42,7 @@ from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, DataError
 from fcmae.data_stats import resolve_mean_std, saved_mean_std
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
-from fcmae.runtime.command import Command, UsageError, check_output_dir, read_checkpoint, resume_checkpoint
+from fcmae.runtime.command import Command, UsageError, read_checkpoint, resume_checkpoint
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.device import grad_scaler, model_compiler, precision_note, run_process
 from fcmae.runtime.logs import JsonlLogger, log
@@ -248,8 +248,7 @@ def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
 
 def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     device, main = info.device, info.is_main
-    out = Path(cfg.output_dir)
-    check_output_dir(out)
+    out = Path(cfg.output_dir)  # created and checked writable by lock.hold on every rank
     compile_fn = model_compiler(cfg, device)
 
     # Everything that can fail on bad input comes before any compute.

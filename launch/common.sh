@@ -3,8 +3,8 @@
 # Everything is decided in Python, by `python -m fcmae.runtime.launch` (see
 # fcmae/runtime/launch.py), with the command's own flag parser, so the shell and
 # the command cannot disagree:
-#   - processes per node: $NPROC_PER_NODE, else the GPUs nvidia-smi lists
-#     (honouring CUDA_VISIBLE_DEVICES), else 1 CPU process;
+#   - processes per node: $NPROC_PER_NODE, else the GPUs torch.cuda.device_count()
+#     sees (honouring CUDA_VISIBLE_DEVICES), else 1 CPU process;
 #   - nodes: $NNODES (default 1; inside a SLURM allocation $SLURM_JOB_NUM_NODES),
 #     with $NODE_RANK, $MASTER_ADDR, $MASTER_PORT for multi-node torchrun;
 #   - launcher: $FCMAE_LAUNCHER (python | torchrun | srun), else srun inside a

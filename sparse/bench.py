@@ -20,12 +20,12 @@ peak allocated memory of a step.
 
 import argparse
 import statistics
-import time
 from typing import Callable, Dict, List
 
 import torch
 
 from fcmae.masking import random_mask
+from sparse.bench_parts import timed_call
 from sparse.encoder import BACKENDS, build_encoder, sites_class
 from sparse.sizes import MODEL_SIZES
 
@@ -102,13 +102,7 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
         steps[name] = lambda model=model: model(imgs, mask).sum()
 
     def run_step(name):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        steps[name]().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timed_call(lambda: steps[name]().backward(), device)[1]
 
     for name in steps:
         for _ in range(args.warmup):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple, TypeVar
 
 import torch
 
@@ -28,44 +28,43 @@ from sparse.depthwise import (
 from sparse.sites import PATCH_PIXELS, PatchSites
 from sparse.sizes import resolve_arch
 
+T = TypeVar("T")
+
 
 def _load() -> str:
     """The 1-minute load average (shared machines: report it with every timing)."""
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
-def _timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
-    """Seconds one call takes: wall-clock, or CPU time of this process ('cpu', CPU only).
+def timed_call(fn: Callable[[], T], device: torch.device, clock: str = "wall") -> Tuple[T, float]:
+    """(`fn()`, the seconds it took): wall-clock, or this process's CPU time (`clock` 'cpu', CPU only).
 
-    CPU time does not count the time other processes hold the cores, so it
-    ranks CPU methods on a busy machine where wall-clock times are noise.
+    On CUDA the device is synchronised before and after, so that the call's
+    queued kernels count and earlier ones do not. CPU time does not count the
+    time other processes hold the cores, so it ranks CPU methods on a busy
+    machine where wall-clock times are noise.
     """
     if clock == "cpu" and device.type != "cpu":
         raise ValueError("--clock cpu times CPU work only; use --clock wall on other devices")
     now = time.process_time if clock == "cpu" else time.perf_counter
-
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = now()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return now() - start
-
-    return timed
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = now()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, now() - start
 
 
 def _interleaved_min(calls: Dict[str, Callable[[], object]], iters: int, warmup: int, device,
                      clock: str = "wall") -> Dict[str, float]:
-    timed = _timer(device, clock)
     for fn in calls.values():
         for _ in range(warmup):
-            timed(fn)
+            timed_call(fn, device, clock)
     best = {name: float("inf") for name in calls}
     for _ in range(iters):
         for name, fn in calls.items():
-            best[name] = min(best[name], timed(fn))
+            best[name] = min(best[name], timed_call(fn, device, clock)[1])
     return best
 
 
@@ -98,14 +97,11 @@ def bench_step(args: argparse.Namespace) -> Dict[str, float]:
     phases = {name: {} for name in backends}  # backend -> phase -> minimum seconds
 
     def timed_phase(name: str, phase: str, fn: Callable[[], object]):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with torch.autograd.profiler.record_function(phase):
-            out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        def labelled():  # the phase's name in --profile's table
+            with torch.autograd.profiler.record_function(phase):
+                return fn()
+
+        out, seconds = timed_call(labelled, device)  # wall-clock, whatever --clock says (the table says so)
         phases[name][phase] = min(phases[name].get(phase, float("inf")), seconds)
         return out
 

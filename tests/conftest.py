@@ -1,18 +1,17 @@
 """Fixtures every test module may use: a single-process environment, a private demo cache, an image folder."""
 
+import os
+
 import pytest
 
-from tests.helpers import write_images
-
-DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS",
-                  "SLURM_STEP_ID", "NPROC_PER_NODE", "NNODES", "FCMAE_LAUNCHER")
+from tests.helpers import is_dist_variable, write_images
 
 
 @pytest.fixture(autouse=True)
 def single_process(monkeypatch):
     """No torchrun / SLURM / launcher variables leak in from the shell (or the SLURM job) that runs the tests."""
-    for var in DIST_VARIABLES:
-        monkeypatch.delenv(var, raising=False)
+    for var in [name for name in os.environ if is_dist_variable(name)]:
+        monkeypatch.delenv(var)
 
 
 @pytest.fixture

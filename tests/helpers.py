@@ -1,7 +1,10 @@
-"""Small shared pieces of the tests: tiny configs, random weights, random masks, image files."""
+"""Small shared pieces of the tests: tiny configs and runs, random weights, random masks, image files, a
+single-process environment."""
 
 import math
+import os
 from pathlib import Path
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -17,6 +20,39 @@ TINY_DIMS = (8, 16, 24, 32)
 TINY_ARGS = ["--depths", "[1, 1, 1, 1]", "--dims", "[8, 16, 16, 16]"]
 # One CPU process, no autocast, no loader workers.
 CPU_ARGS = ["--device", "cpu", "--amp", "off", "--num_workers", "0"]
+# The tiny pre-training run of the command tests (flag -> value), on top of TINY_ARGS; see tiny_args.
+TINY_RUN = {"decoder_dim": 32, "input_size": 64, "mask_ratio": 0.5, "batch_size": 4, "effective_batch": 4,
+            "epochs": 2, "warmup_epochs": 1, "num_workers": 0, "print_every": 1, "vis_images": 2, "save_every": 1,
+            "keep_checkpoints": 2, "device": "cpu"}
+
+# What makes a process one rank of several or picks its launcher: torchrun's, the launcher's and (see
+# is_dist_variable) SLURM's variables.
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NPROC_PER_NODE",
+                  "NNODES", "FCMAE_LAUNCHER", "FCMAE_SLURM_RANKS", "TORCHELASTIC_RUN_ID")
+
+
+def tiny_args(data, out, *extra, **flags) -> List[str]:
+    """The command line of a tiny pre-training run (`atto demo`, TINY_ARGS' model, TINY_RUN) on `data` into `out`.
+
+    Args:
+        extra: more arguments, appended as given.
+        flags: TINY_RUN's values to change or flags to add (name without `--`, e.g. `decoder_dim=16`); None
+            leaves the flag out, so the command's default applies.
+    """
+    settings = {**TINY_RUN, **flags}
+    given = [item for name, value in settings.items() if value is not None for item in (f"--{name}", str(value))]
+    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), *TINY_ARGS, *given, *extra]
+
+
+def is_dist_variable(name: str) -> bool:
+    """Whether torchrun, the launcher or SLURM set `name` (every SLURM_* but SLURM_CONF, which names the cluster)."""
+    return name in DIST_VARIABLES or (name.startswith("SLURM_") and name != "SLURM_CONF")
+
+
+def single_process_env(**extra: str) -> Dict[str, str]:
+    """This process's environment without the variables of is_dist_variable, plus `extra`: for a child that
+    runs as one process (or gets its own rank variables in `extra`)."""
+    return {**{k: v for k, v in os.environ.items() if not is_dist_variable(k)}, **extra}
 
 
 def write_images(folder: Path, count: int, size: int = 72, seed: int = 0) -> None:

@@ -16,7 +16,6 @@ Timing facts these helpers plan around (see docs/SLURM.md):
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from typing import Dict, Iterable, List, Optional
 import pytest
 
 from fcmae.runtime.logs import read_jsonl
+from tests.helpers import single_process_env
 
 REPO = Path(__file__).resolve().parents[1]
 # Job states after which a job does not run again on its own.
@@ -71,13 +71,9 @@ class Jobs:
     def submit(self, script: Path, *sbatch_args: str, args: Iterable[str] = (), cwd: Path = REPO,
                env: Optional[Dict[str, str]] = None) -> str:
         """`sbatch [sbatch_args] script [args]` from `cwd`; returns the job id."""
-        full_env = {**os.environ, **(env or {})}
         # Variables of an enclosing job or torchrun would leak into the new job's environment.
-        for key in list(full_env):
-            if key.startswith("SLURM_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NPROC_PER_NODE", "NNODES"):
-                full_env.pop(key)
         result = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(script), *map(str, args)], cwd=cwd,
-                                env=full_env, capture_output=True, text=True, timeout=30)
+                                env=single_process_env(**(env or {})), capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, f"sbatch failed: {result.stderr.strip()}"
         job = result.stdout.strip().split(";")[0]
         self.ids.append(job)

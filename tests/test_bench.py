@@ -1,10 +1,14 @@
 """The benchmark commands run and report what they say (tiny settings; timing targets live in BENCHMARKS.md)."""
 
+import time
+
 import pytest
 import torch
 
 from sparse import bench
+from sparse.bench_parts import timed_call
 from sparse.depthwise import CONV_METHODS, WEIGHT_GRAD_METHODS
+
 
 @pytest.fixture(autouse=True)
 def keep_thread_count():
@@ -15,6 +19,23 @@ def keep_thread_count():
 
 
 SMALL = ["--size", "atto", "--batch", "2", "--img-size", "64", "--threads", "1", "--iters", "1", "--warmup", "0"]
+
+
+def test_timed_call_returns_the_result_and_counts_sleep_only_on_the_wall_clock():
+    cpu = torch.device("cpu")
+    out, wall = timed_call(lambda: time.sleep(0.05) or "done", cpu)
+    assert out == "done" and wall >= 0.05
+    assert timed_call(lambda: time.sleep(0.05), cpu, "cpu")[1] < 0.04  # process time: sleeping is not work
+    with pytest.raises(ValueError, match="--clock cpu times CPU work only"):
+        timed_call(lambda: None, torch.device("cuda"), "cpu")
+
+
+def test_encoder_mode_times_each_backend_against_timm(capsys):
+    results = bench.main(["--backends", "torch", "dense-masked", *SMALL])
+    assert set(results) == {"dense (timm)", "torch", "dense-masked"}
+    assert all(r["median_s"] > 0 and r["saved_MiB"] > 0 for r in results.values())
+    out = capsys.readouterr().out
+    assert "median of 1 forward+backward steps" in out and "x dense" in out
 
 
 def test_step_mode_times_each_backend_and_its_phases(capsys):

@@ -4,6 +4,7 @@ They skip without one. Tiny configurations: they check correctness on the
 device, not speed (speed is the GPU check's bench part).
 """
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from fcmae import build_fcmae
 from fcmae.runtime.checkpoint import load_checkpoint
 from fcmae.optim import build_optimizer
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import TINY_DEPTHS, TINY_DIMS, assert_close, random_mask, randomize_
+from tests.helpers import TINY_DEPTHS, TINY_DIMS, assert_close, random_mask, randomize_, tiny_args
 from tests.test_encoder import dense_timm_model, forward_and_grads
 
 NO_CUDA = not torch.cuda.is_available()
@@ -91,12 +92,9 @@ def write_images(folder: Path, count: int):
     write(folder / "train" / "synthetic", count)
 
 
-def tiny_pretrain_args(data, out, *extra):
-    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), "--depths", "[1,1,1,1]",
-            "--dims", "[8,16,16,16]", "--decoder_dim", "32", "--input_size", "64", "--mask_ratio", "0.5",
-            "--batch_size", "4", "--effective_batch", "4", "--epochs", "2", "--warmup_epochs", "1",
-            "--num_workers", "0", "--print_every", "1", "--vis_images", "0", "--device", "cuda",
-            "--compile", "false", *extra]  # eager: inductor's compilation is the bench's (minutes of GPU time)
+# The shared tiny run on the GPU, eager (inductor's compilation is the bench's: minutes of GPU time).
+tiny_pretrain_args = partial(tiny_args, vis_images=0, save_every=None, keep_checkpoints=None, device="cuda",
+                             compile="false")
 
 
 def train_losses(out):

@@ -5,6 +5,7 @@ tests/test_cuda.py and the GPU check's bench.
 """
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from fcmae.runtime.device import adamw_fused, configure_device, use_compile
 from fcmae.runtime.distributed import DistInfo
 from fcmae.runtime.logs import read_jsonl
 from fcmae.runtime.trainer import LoopSettings, Trainer
-from tests.helpers import TINY_ARGS, assert_close
+from tests.helpers import TINY_ARGS, assert_close, tiny_args
 
 
 def cuda_flags():
@@ -101,11 +102,9 @@ def test_resume_keeps_this_runs_adamw_implementation(tmp_path, built, saved):
     assert int(optimizer.state[model.weight]["step"]) == 2
 
 
-def pretrain_args(data, out, *extra):
-    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), *TINY_ARGS, "--decoder_dim", "32",
-            "--input_size", "64", "--mask_ratio", "0.5", "--batch_size", "4", "--effective_batch", "4",
-            "--epochs", "1", "--warmup_epochs", "0", "--blr", "0.05", "--num_workers", "0", "--print_every", "1",
-            "--vis_images", "0", "--device", "cpu", *extra]
+# The shared tiny run for one epoch at a high learning rate, checkpoints as the command saves them.
+pretrain_args = partial(tiny_args, epochs=1, warmup_epochs=0, blr=0.05, vis_images=0, save_every=None,
+                        keep_checkpoints=None)
 
 
 def test_compiled_pretraining_matches_eager_and_saves_plain_names(image_dir, tmp_path):

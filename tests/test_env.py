@@ -118,4 +118,4 @@ def test_broken_torch_still_prints_a_report(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     lines = env.torch_lines()
     assert lines[0][0] == "torch" and lines[0][1].startswith("error: ModuleNotFoundError")
-    assert "timm" in env.format_report(env.collect(torch_info=env.torch_lines))
+    assert "timm" in env.format_report(env.collect())

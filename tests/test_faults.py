@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ from fcmae.runtime import files, lock
 from fcmae.runtime.logs import read_jsonl
 from finetune import convert
 from finetune import main_finetune as finetune_main
-from tests.helpers import TINY_ARGS, write_images
+from tests import helpers
+from tests.helpers import TINY_ARGS, single_process_env, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "pretrain.sh"
@@ -48,20 +50,12 @@ def image_dir(tmp_path_factory):
     return root
 
 
-def tiny_args(data, out, *extra, epochs=2, workers=0):
-    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out),
-            "--depths", "[1,1,1,1]", "--dims", "[8,16,16,16]", "--decoder_dim", "32",
-            "--input_size", "64", "--mask_ratio", "0.5", "--batch_size", "4", "--effective_batch", "4",
-            "--epochs", str(epochs), "--warmup_epochs", "1", "--num_workers", str(workers), "--print_every", "1",
-            "--vis_images", "0", "--save_every", "1", "--keep_checkpoints", "2", "--device", "cpu",
-            "--cpu_threads", "1", *extra]
+# The shared tiny run, one thread, no pictures (callers change epochs= and num_workers=).
+tiny_args = partial(helpers.tiny_args, vis_images=0, cpu_threads=1)
 
 
 def env_for(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NPROC_PER_NODE")}
-    env.update(OMP_NUM_THREADS="1", FCMAE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
-    return env
+    return single_process_env(OMP_NUM_THREADS="1", FCMAE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
 
 
 def _start(cmd, tmp_path, new_session=False):
@@ -146,7 +140,7 @@ def newest_step(out):
 def test_signal_to_the_process_group_with_loader_workers_saves(image_dir, tmp_path, signum):
     """Schedulers signal every process of the job, loader workers included: the run saves and exits 0."""
     out = tmp_path / "out"
-    proc = start_launcher(tiny_args(image_dir, out, epochs=50, workers=2), tmp_path, new_session=True)
+    proc = start_launcher(tiny_args(image_dir, out, epochs=50, num_workers=2), tmp_path, new_session=True)
     seen = wait_for_step(proc, out, 2)
     os.killpg(proc.pid, signum)
     try:
@@ -190,7 +184,7 @@ def test_signal_to_the_launcher_reaches_the_training_and_is_awaited(image_dir, t
     """SIGTERM to launch/pretrain.sh alone: every training process saves and ends, and the launcher waits."""
     out = tmp_path / "out"
     proc = _start(["env", f"NPROC_PER_NODE={processes}", "bash", str(LAUNCH),
-                   *map(str, tiny_args(image_dir, out, epochs=50, workers=1))], tmp_path)
+                   *map(str, tiny_args(image_dir, out, epochs=50, num_workers=1))], tmp_path)
     seen = wait_for_step(proc, out, 2)
     training = training_processes(proc.pid)
     assert len(training) == processes, f"training processes under the launcher: {training}"
@@ -250,6 +244,17 @@ def test_a_lock_of_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path
     finally:
         held.release()
     assert not path.exists()
+
+
+def test_every_rank_checks_the_output_folder_and_only_rank_0_locks_it(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for enabled in (True, False):  # rank 0 (the lock's check), the other ranks (the check alone)
+        with pytest.raises(ckpt.CheckpointError, match="is not writable"):
+            with lock.hold(blocker / "out", enabled=enabled):
+                pass
+    with lock.hold(tmp_path / "new", enabled=False) as held:
+        assert held is None and (tmp_path / "new").is_dir() and not (tmp_path / "new" / lock.LOCK_NAME).exists()
 
 
 def test_a_lock_of_a_reused_pid_on_this_host_is_stale(tmp_path):

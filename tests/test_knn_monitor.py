@@ -12,9 +12,9 @@ import torch
 from fcmae.knn import KnnMonitor
 from fcmae.runtime.distributed import DistInfo
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import randomize_, write_images
+from tests.helpers import randomize_, tiny_args, write_images
 from tests.test_knn_linprobe import make_folder, run_main
-from tests.test_pretrain_run import expect_usage_error, run, tiny_args, train_losses
+from tests.test_pretrain_run import expect_usage_error, run, train_losses
 
 
 def shuffled_folder(root: Path) -> Path:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from fcmae import main_pretrain
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import launch
+from fcmae.runtime import launch, slurm
 from fcmae.runtime.distributed import env_rank_info
 from fcmae.runtime.launch import LaunchError, world_from_environment
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import TINY_ARGS
+from tests import helpers
+from tests.helpers import single_process_env
 
 # `sbatch --ntasks-per-node 2` on one CPU node, in the batch shell (no step).
 BATCH_SHELL = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NTASKS": "2",
@@ -27,7 +30,7 @@ BATCH_SHELL = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": 
 
 @pytest.fixture
 def no_gpus(monkeypatch):
-    monkeypatch.setattr(launch, "count_gpus", lambda env: 0)
+    monkeypatch.setattr(launch, "count_gpus", lambda: 0)
 
 
 # ---------------------------------------------------------------- the world of an allocation
@@ -62,6 +65,30 @@ def test_cpu_processes_are_not_labelled_as_gpus(no_gpus):
     assert "world size 2 (CPU)" in world.describe()
 
 
+def test_the_gpus_per_node_are_those_torch_sees_outside_slurm(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    world = world_from_environment({})
+    assert (world.launcher, world.size, world.gpus_per_node) == ("torchrun", 2, 2)
+    assert "world size 2 (2 GPU(s) per node)" in world.describe()
+
+
+def test_master_addr_is_the_allocations_first_host(tmp_path, monkeypatch):
+    """One function for the launcher (srun's environment) and for ranks started without it."""
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$3" = "node[3-4]" ] && printf "node3\\nnode4\\n" || exit 1\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert slurm.master_addr({"SLURM_JOB_NODELIST": "node[3-4]"}) == "node3"
+    assert slurm.master_addr({"SLURM_NODELIST": "node[3-4]"}) == "node3"
+    assert slurm.master_addr({"SLURM_JOB_NODELIST": "bad["}) == "127.0.0.1"  # scontrol fails
+    assert slurm.master_addr({}) == "127.0.0.1"
+    srun_env = launch._srun_environment({"SLURM_JOB_NODELIST": "node[3-4]"})
+    assert (srun_env["MASTER_ADDR"], srun_env["MASTER_PORT"]) == ("node3", "29500")
+    assert launch._srun_environment({"SLURM_JOB_NODELIST": "node[3-4]", "MASTER_ADDR": "h"})["MASTER_ADDR"] == "h"
+    monkeypatch.setenv("PATH", str(tmp_path / "missing"))  # no scontrol at all
+    assert slurm.master_addr({"SLURM_JOB_NODELIST": "node[3-4]"}) == "127.0.0.1"
+
+
 # ---------------------------------------------------------------- ranks only inside an srun step
 @pytest.mark.parametrize("extra", [{}, {"FCMAE_LAUNCHER": "python"}], ids=["plain", "FCMAE_LAUNCHER=python"])
 def test_plain_python_inside_an_allocation_is_one_process(extra, no_gpus):
@@ -84,10 +111,8 @@ def test_slurm_ranks_inside_a_step_or_with_the_launchers_marker():
 
 
 # ---------------------------------------------------------------- when the stop is seen, what is saved first
-def tiny_args(data, out, *extra):
-    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), *TINY_ARGS, "--decoder_dim", "32",
-            "--input_size", "64", "--mask_ratio", "0.5", "--epochs", "2", "--warmup_epochs", "1", "--num_workers",
-            "0", "--print_every", "1", "--vis_images", "2", "--save_every", "1", "--device", "cpu", *extra]
+# The shared tiny run with the command's own batch size, effective batch and checkpoints kept.
+tiny_args = partial(helpers.tiny_args, batch_size=None, effective_batch=None, keep_checkpoints=None)
 
 
 def run(args):
@@ -175,10 +200,9 @@ def test_a_stop_signal_while_torch_is_imported_stops_the_run_cleanly(image_dir, 
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.Popen([sys.executable, "-m", "fcmae.main_pretrain", *tiny_args(image_dir, out, "--batch_size", "4",
                                                                             "--effective_batch", "4")], cwd=repo,
-                            env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=single_process_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 60
     while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is being imported

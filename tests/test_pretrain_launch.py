@@ -1,6 +1,5 @@
 """launch/pretrain.sh: the plan, the dry run, clear early errors, and a 2-process DDP run on CPU."""
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -9,18 +8,15 @@ import torch
 
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import TINY_ARGS
+from tests.helpers import TINY_ARGS, single_process_env
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "pretrain.sh"
 
 
 def launch(*args, env=None, timeout=300):
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "NNODES")}
-    full_env.update(env or {})
-    return subprocess.run(["bash", str(LAUNCH), *map(str, args)], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(["bash", str(LAUNCH), *map(str, args)], cwd=REPO, env=single_process_env(**(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_headline_command_without_data_path_stops_with_a_clear_message():

@@ -1,6 +1,5 @@
 """The pre-training command end to end on CPU: outputs, exact resume, stops, bad input."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -15,16 +14,9 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae import main_pretrain
 from fcmae.runtime.trainer import NonFiniteLossError
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import TINY_ARGS, build_with_nan_loss, write_images
+from tests.helpers import build_with_nan_loss, single_process_env, tiny_args, write_images
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_args(data, out, *extra):
-    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), *TINY_ARGS, "--decoder_dim", "32",
-            "--input_size", "64", "--mask_ratio", "0.5", "--batch_size", "4", "--effective_batch", "4",
-            "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--print_every", "1",
-            "--vis_images", "2", "--save_every", "1", "--keep_checkpoints", "2", "--device", "cpu", *extra]
 
 
 def run(args):
@@ -106,9 +98,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_dir, tmp_path, mo
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_saves_and_exits_cleanly(image_dir, tmp_path, signum):
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.Popen([sys.executable, "-m", "fcmae.main_pretrain", *tiny_args(image_dir, out, "--epochs", "50")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=single_process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)

@@ -8,25 +8,24 @@ fails within 20 s instead of 30 minutes. The runs are tiny: 16 images,
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import write_images
+from tests import helpers
+from tests.helpers import single_process_env, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 TIMEOUT_S = 20  # the process group's timeout in these runs
-DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "NNODES",
-                  "FCMAE_LAUNCHER", "TORCHELASTIC_RUN_ID")
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +35,8 @@ def data(tmp_path_factory):
     return root
 
 
-def tiny_args(data, out, *extra):
-    return ["atto", "demo", "--data_path", str(data), "--output_dir", str(out), "--depths", "[1,1,1,1]",
-            "--dims", "[8,16,16,16]", "--decoder_dim", "16", "--input_size", "64", "--mask_ratio", "0.5",
-            "--batch_size", "2", "--effective_batch", "4", "--epochs", "2", "--warmup_epochs", "1",
-            "--num_workers", "0", "--print_every", "1", "--vis_images", "0", "--save_every", "1",
-            "--keep_checkpoints", "2", "--device", "cpu", "--amp", "off", "--cpu_threads", "1", *extra]
+# The shared tiny run, 2 images per rank and step (an effective batch of 4 over 2 ranks).
+tiny_args = partial(helpers.tiny_args, decoder_dim=16, batch_size=2, vis_images=0, amp="off", cpu_threads=1)
 
 
 def free_port() -> int:
@@ -51,10 +46,8 @@ def free_port() -> int:
 
 
 def base_env(tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), FCMAE_CACHE=str(tmp_path / "cache"),
-               FCMAE_DIST_TIMEOUT=str(TIMEOUT_S))
-    return env
+    return single_process_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), FCMAE_CACHE=str(tmp_path / "cache"),
+                              FCMAE_DIST_TIMEOUT=str(TIMEOUT_S))
 
 
 def run_ranks(args, tmp_path, scenario="none", env=None, timeout=90):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from fcmae.runtime import checkpoint as ckpt
 from tests import slurm_helpers as slurm
+from tests.helpers import tiny_args
 
 pytestmark = pytest.mark.slurm
 
@@ -56,11 +57,8 @@ def image_dir(tmp_path_factory):
 
 
 def train_args(data: Path, out: Path, epochs: int = EPOCHS):
-    return ["atto", "demo", "--data_path", data, "--output_dir", out,
-            "--depths", "[1,1,1,1]", "--dims", "[8,16,16,16]", "--decoder_dim", "32",
-            "--input_size", "64", "--mask_ratio", "0.5", "--batch_size", "4", "--effective_batch", "8",
-            "--epochs", str(epochs), "--warmup_epochs", "1", "--num_workers", "1", "--print_every", "1",
-            "--vis_images", "0", "--save_every", "0", "--device", "cpu", "--cpu_threads", "1"]
+    return tiny_args(data, out, effective_batch=8, epochs=epochs, num_workers=1, vis_images=0, save_every=0,
+                     keep_checkpoints=None, cpu_threads=1)
 
 
 def submit(jobs: slurm.Jobs, tmp: Path, data: Path, out: Path, *sbatch_args: str, epochs: int = EPOCHS):

@@ -85,14 +85,6 @@ def check_size(name: Optional[str], usage: str) -> str:
         raise UsageError(str(e)) from None
 
 
-def check_output_dir(path) -> None:
-    """Create the output folder and prove it writable; a UsageError otherwise."""
-    try:
-        ckpt.check_writable(path)
-    except ckpt.CheckpointError as e:
-        raise UsageError(str(e)) from None
-
-
 def read_checkpoint(path) -> Dict[str, Any]:
     """A checkpoint dict; a UsageError for a missing, truncated or foreign file."""
     try:

@@ -127,9 +127,7 @@ def _split(key: str) -> List[str]:
     return key.split(".")
 
 
-def apply_overrides(
-    cfg: Mapping[str, Any], overrides: Mapping[str, Any], allow_new: bool = False
-) -> Dict[str, Any]:
+def apply_overrides(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> Dict[str, Any]:
     """A copy of ``cfg`` with dotted-key overrides applied; unknown keys are errors."""
     out = copy.deepcopy(dict(cfg))
     for key, value in overrides.items():
@@ -137,11 +135,9 @@ def apply_overrides(
         node = out
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
-                if not allow_new:
-                    raise ConfigError(f"unknown config key {'.'.join(parts[:depth + 1])!r} (in override {key!r})")
-                node[part] = {}
+                raise ConfigError(f"unknown config key {'.'.join(parts[:depth + 1])!r} (in override {key!r})")
             node = node[part]
-        if parts[-1] not in node and not allow_new:
+        if parts[-1] not in node:
             known = ", ".join(sorted(_flat_keys(out)))
             raise ConfigError(f"unknown config key {key!r}; known keys: {known}")
         node[parts[-1]] = value

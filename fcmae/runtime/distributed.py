@@ -24,7 +24,6 @@ Decisions that every rank must share are made once and agreed on:
 
 import datetime
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -90,26 +89,15 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if nodelist:
-        try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-            return out.stdout.split()[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            pass
-    return "127.0.0.1"
-
-
 TIMEOUT_VARIABLE = "FCMAE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_MINUTES = 30
 
 
-def process_group_timeout(default_minutes: float = 30, env: Optional[Mapping[str, str]] = None) -> datetime.timedelta:
-    """How long a collective may wait: `FCMAE_DIST_TIMEOUT` seconds when set, else `default_minutes`."""
-    env = os.environ if env is None else env
-    value = env.get(TIMEOUT_VARIABLE, "")
+def process_group_timeout() -> datetime.timedelta:
+    """How long a collective may wait: `FCMAE_DIST_TIMEOUT` seconds when set, else `DEFAULT_TIMEOUT_MINUTES`."""
+    value = os.environ.get(TIMEOUT_VARIABLE, "")
     if value == "":
-        return datetime.timedelta(minutes=default_minutes)
+        return datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
     try:
         seconds = float(value)
     except ValueError:
@@ -119,11 +107,11 @@ def process_group_timeout(default_minutes: float = 30, env: Optional[Mapping[str
     return datetime.timedelta(seconds=seconds)
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
+def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the default process group from the environment (if several processes).
 
     Returns a `DistInfo`; on CUDA, also selects this process's GPU. Collectives
-    time out after `timeout_minutes` (or FCMAE_DIST_TIMEOUT seconds).
+    time out after `process_group_timeout()` (30 minutes, or FCMAE_DIST_TIMEOUT seconds).
     """
     info = env_rank_info()
     dev = resolve_device(device, info["local_rank"])
@@ -132,7 +120,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistI
     if info["world_size"] <= 1:
         return DistInfo(0, 1, 0, dev, None)
     if "RANK" not in os.environ:  # SLURM's variables: export torch's for init_method="env://"
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = slurm.master_addr(os.environ)
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info["rank"]), str(info["world_size"])
         os.environ["LOCAL_RANK"] = str(info["local_rank"])
@@ -143,7 +132,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> DistI
             init_method="env://",
             rank=info["rank"],
             world_size=info["world_size"],
-            timeout=process_group_timeout(timeout_minutes),
+            timeout=process_group_timeout(),
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(info["rank"], info["world_size"], info["local_rank"], dev, backend)

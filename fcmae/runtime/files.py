@@ -99,14 +99,12 @@ def disk_full_error(error: BaseException, path: PathLike, needed: Optional[int] 
                                      "Free some space or use another output folder, then run again")
 
 
-def write_atomic(path: PathLike, write: Callable[[IO], None], binary: bool = True,
-                 size_hint: Optional[int] = None) -> Path:
+def write_atomic(path: PathLike, write: Callable[[IO], None], size_hint: Optional[int] = None) -> Path:
     """Call `write(file)` on a temporary file next to `path`, then rename it to `path`.
 
     Args:
         path: the file to (re)place; missing parent folders are created.
-        write: writes the whole content to the open file object it gets.
-        binary: open the temporary file in binary (default) or UTF-8 text mode.
+        write: writes the whole content to the open (binary) file object it gets.
         size_hint: the expected size in bytes, for the message when the disk is full.
 
     Raises:
@@ -119,7 +117,7 @@ def write_atomic(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{host_name()}.{os.getpid()}.", suffix=".tmp",
                                    dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
             flush_to_disk(f)
         os.replace(tmp, path)

@@ -4,7 +4,7 @@ launch/pretrain.sh and launch/finetune.sh call this; it decides everything
 they used to decide in bash, with the command's own flag parser:
 
 1. the world: processes per node (`NPROC_PER_NODE`, else the GPUs that
-   `nvidia-smi -L` lists, honouring CUDA_VISIBLE_DEVICES, else 1 CPU process)
+   `torch.cuda.device_count()` sees, honouring CUDA_VISIBLE_DEVICES, else 1 CPU process)
    x nodes (`NNODES`). Inside a SLURM allocation (sbatch/salloc) the
    allocation decides: nodes `SLURM_JOB_NUM_NODES`, tasks per node
    `SLURM_NTASKS_PER_NODE` (else `SLURM_TASKS_PER_NODE`), GPUs
@@ -74,19 +74,17 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
-def count_gpus(env: Mapping[str, str]) -> int:
-    """GPUs on this node: those `nvidia-smi -L` lists, limited by CUDA_VISIBLE_DEVICES (0 without nvidia-smi)."""
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    count = sum(line.startswith("GPU") for line in listed.splitlines())
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        count = 0 if visible.strip() in ("", "-1") else min(count, len(visible.split(",")))
-    return count
+def count_gpus() -> int:
+    """GPUs this process sees: `torch.cuda.device_count()` (this process's CUDA_VISIBLE_DEVICES; 0 without CUDA).
+
+    torch counts them with NVML, which creates no CUDA context; where NVML cannot (MIG devices, no
+    libnvidia-ml) it asks the CUDA runtime, which initialises the driver in this process. Either is safe
+    here: the launcher itself never uses CUDA and starts the training by exec (python) or as a new program
+    (torchrun, srun), never by a fork that would inherit the driver's state.
+    """
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _slurm_world(env: Mapping[str, str], launcher: str) -> World:
@@ -113,7 +111,7 @@ def _gpus_on_node(env: Mapping[str, str]) -> int:
     value = env.get("SLURM_GPUS_ON_NODE", "")
     if value.isdigit():
         return int(value)
-    return count_gpus(env)
+    return count_gpus()
 
 
 def world_from_environment(env: Optional[Mapping[str, str]] = None) -> World:
@@ -123,7 +121,7 @@ def world_from_environment(env: Optional[Mapping[str, str]] = None) -> World:
     if launcher and launcher not in LAUNCHERS:
         raise LaunchError(f"unknown FCMAE_LAUNCHER {launcher!r} ({', '.join(LAUNCHERS)})")
     if launcher == "python":  # one process, whatever the scheduler's variables say
-        return World("python", 1, 1, min(count_gpus(env), 1))
+        return World("python", 1, 1, min(count_gpus(), 1))
     if slurm.in_step(env) and not launcher:  # already one task of an srun step: its world is the step's
         try:
             per_node = slurm.parse_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or "1")
@@ -137,7 +135,7 @@ def world_from_environment(env: Optional[Mapping[str, str]] = None) -> World:
         return _slurm_world(env, launcher)
     if launcher == "srun":
         return _slurm_world(env, launcher)
-    gpus = count_gpus(env)
+    gpus = count_gpus()
     nproc = _positive_int(env, "NPROC_PER_NODE", 0) or max(gpus, 1)
     nnodes = _positive_int(env, "NNODES", 1)
     return World(launcher or ("torchrun" if nnodes * nproc > 1 else "python"), nnodes, nproc, min(gpus, nproc))
@@ -264,9 +262,7 @@ def _children(pid: int) -> List[int]:
 def _srun_environment(env: Mapping[str, str]) -> dict:
     out = dict(env)
     if not out.get("MASTER_ADDR"):
-        hosts = subprocess.run(["scontrol", "show", "hostnames", env.get("SLURM_JOB_NODELIST", "")],
-                               capture_output=True, text=True).stdout.split()
-        out["MASTER_ADDR"] = hosts[0] if hosts else "127.0.0.1"
+        out["MASTER_ADDR"] = slurm.master_addr(env)
     out.setdefault("MASTER_PORT", "29500")
     return out
 

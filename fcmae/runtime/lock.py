@@ -150,8 +150,12 @@ class OutputLock:
 
 @contextmanager
 def hold(folder, enabled: bool = True) -> Iterator[Optional[OutputLock]]:
-    """The lock of `folder` while the block runs (a no-op when not `enabled`: ranks other than 0)."""
+    """The lock of `folder` while the block runs; the folder is created and checked writable first.
+
+    Not `enabled` (ranks other than 0): no lock, only the folder's check (a CheckpointError, one line).
+    """
     if not enabled:
+        check_writable(folder)
         yield None
         return
     lock = OutputLock(folder).acquire()

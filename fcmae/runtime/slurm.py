@@ -61,6 +61,20 @@ def tasks_per_node(env: Mapping[str, str]) -> Optional[int]:
     return None
 
 
+def master_addr(env: Mapping[str, str]) -> str:
+    """The allocation's first host (`scontrol show hostnames` of SLURM_JOB_NODELIST, else SLURM_NODELIST),
+    for MASTER_ADDR; 127.0.0.1 when there is no node list or scontrol cannot read it."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "127.0.0.1"
+    hosts = out.stdout.split() if out.returncode == 0 else []
+    return hosts[0] if hosts else "127.0.0.1"
+
+
 def job_info(job: str) -> Dict[str, str]:
     """`scontrol show job -o JOB` as a dict ({} when it cannot be read)."""
     try:
