@@ -33,7 +33,7 @@ from fcmae.data_stats import (  # noqa: F401 (re-exported: part of this module's
 )
 from fcmae.gpu_decode import EncodedBatch, EncodedImage, resolve_decode
 from fcmae.image_io import (
-    LAYOUTS, DataError, ImageFile, ImageFormatError, ImageInfo, array_crop, check_folder,
+    LAYOUTS, UNREADABLE_IMAGE_ERRORS, DataError, ImageFile, ImageFormatError, ImageInfo, array_crop, check_folder,
     pil_crop, pil_target_mode, scale_to_unit,
 )
 
@@ -224,9 +224,10 @@ class ImageFolderDataset(Dataset):
         images = []
         for i in np.linspace(0, len(self) - 1, min(count, len(self))).round().astype(int):
             try:
-                images.append(transform(self.load_unit(int(i))))
-            except (OSError, ValueError, Image.DecompressionBombError):
+                unit = self.load_unit(int(i))
+            except UNREADABLE_IMAGE_ERRORS:
                 continue
+            images.append(transform(unit))
         return torch.stack(images) if images else None
 
     # ------------------------------------------------------------ training items
@@ -293,7 +294,7 @@ class ImageFolderDataset(Dataset):
                     return self.crop_item(i, index), tuple(bad)
                 image = self.load(i)
                 break
-            except (OSError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
+            except UNREADABLE_IMAGE_ERRORS as e:
                 bad.append((str(self.files[i]), f"{type(e).__name__}: {e}"))
         else:
             raise DataError(f"{self.max_retries} unreadable images in a row from {self.files[index]}; "

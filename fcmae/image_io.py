@@ -58,6 +58,13 @@ PIL_MODE_DTYPE = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "
 PNG_COLOR_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 
 
+# What reading an unreadable image file raises: a truncated or corrupt file (OSError; RuntimeError from
+# torchvision's PNG decoder; ValueError from numpy and tifffile), one too large for Pillow, or one not of the
+# data set's format (ImageFormatError is a ValueError). Training skips such files and reports them; the header
+# check (`check_folder`, where a format mismatch is an error), the channel statistics and pictures skip them.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, RuntimeError, Image.DecompressionBombError)
+
+
 class DataError(ValueError):
     """Unusable training data; the message says what is wrong and where."""
 
@@ -324,7 +331,9 @@ def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, 
     for i in picks:
         try:
             infos.append(read_info(files[i], layout, in_chans))
-        except (OSError, Image.DecompressionBombError):
+        except ImageFormatError:
+            raise
+        except UNREADABLE_IMAGE_ERRORS:
             continue
     if not infos:
         raise ImageFormatError(f"none of the {len(picks)} files checked in {where} is a readable image, "
