@@ -55,8 +55,8 @@ def test_each_sample_opens_its_file_once_and_the_train_crop_equals_the_whole_ima
     from tests.test_image_reading import OpenCounter
 
     rng = np.random.default_rng(3)
-    deep, photos = tmp_path / "deep", tmp_path / "photos"
-    wholes = {}
+    deep, grey, photos = tmp_path / "deep", tmp_path / "grey", tmp_path / "photos"
+    wholes = {}  # file name -> the whole image in [0, 1]
     for i, write in enumerate((lambda p, a: np.save(p.with_suffix(".npy"), a),
                                lambda p, a: tifffile.imwrite(p.with_suffix(".tif"), a),
                                lambda p, a: tifffile.imwrite(p.with_suffix(".tif"), a, compression="zlib"),
@@ -64,22 +64,29 @@ def test_each_sample_opens_its_file_once_and_the_train_crop_equals_the_whole_ima
         (deep / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
         a = rng.integers(0, 65536, (40 + i, 56 - i), dtype=np.uint16)
         write(deep / "ab"[i % 2] / f"{i}", a)
-        wholes[i] = scale_to_unit(a[None])
+        wholes[next((deep / "ab"[i % 2]).glob(f"{i}.*")).name] = scale_to_unit(a[None])
     for label in "ab":
+        (grey / label).mkdir(parents=True)  # 8-bit, 1 channel: Pillow's files, as tensors
+        a = rng.integers(0, 256, (38, 45), dtype=np.uint8)
+        Image.fromarray(a).save(grey / label / f"{label}.png")
+        Image.fromarray(a).save(grey / label / f"{label}.jpg")
+        for path in (grey / label).iterdir():
+            wholes[path.name] = scale_to_unit(np.asarray(Image.open(path))[None])
         (photos / label).mkdir(parents=True)
         rgb = rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(photos / label / "x.png")
         Image.fromarray(rgb).save(photos / label / "y.jpg")
-    ds = ftdata.LabelledFolder(deep, ["a", "b"], seed=4, in_chans=1)
-    ds.transform = ftdata.train_transform({**CFG, "reprob": 0.5}, [0.5], [0.25], pil=False)
-    names = [p.name for p, _ in ds.samples]
-    for epoch in range(3):
-        ds.set_epoch(epoch)
-        for index, name in enumerate(names):
-            x, _ = ds[index]
-            with ftdata.seeded_rngs(sample_seed(4, epoch, index)):
-                expected = ds.transform(torch.from_numpy(wholes[int(name[0])]))
-            assert torch.equal(x, expected), (name, epoch)
+    sets = [ftdata.LabelledFolder(root, ["a", "b"], seed=4, in_chans=1) for root in (deep, grey)]
+    for ds in sets:
+        ds.transform = ftdata.train_transform({**CFG, "reprob": 0.5}, [0.5], [0.25], pil=False)
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            for index, (path, _) in enumerate(ds.samples):
+                x, _ = ds[index]
+                with ftdata.seeded_rngs(sample_seed(4, epoch, index)):
+                    expected = ds.transform(torch.from_numpy(wholes[path.name]))
+                assert torch.equal(x, expected), (path.name, epoch)
+    ds = sets[0]
     photo_ds = ftdata.LabelledFolder(photos, ["a", "b"], in_chans=3)
     photo_ds.transform = ftdata.train_transform({**CFG, "aa": None, "color_jitter": 0.4}, pil=True)
     converted = []
@@ -97,5 +104,5 @@ def test_each_sample_opens_its_file_once_and_the_train_crop_equals_the_whole_ima
                 assert counter.opens == {path.name: 1}, (path.name, counter.opens)
                 if isinstance(transform, ftdata.TensorTrainTransform):
                     with ftdata.seeded_rngs(sample_seed(4, data.epoch, index)):
-                        box, _ = sample_crop(*wholes[int(path.name[0])].shape[1:], transform.scale)
+                        box, _ = sample_crop(*wholes[path.name].shape[1:], transform.scale)
                     assert converted == [(1, box[2], box[3])], (path.name, converted, box)  # the crop only
