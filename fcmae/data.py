@@ -33,8 +33,8 @@ from fcmae.data_stats import (  # noqa: F401 (re-exported: part of this module's
 )
 from fcmae.gpu_decode import EncodedBatch, EncodedImage, resolve_decode
 from fcmae.image_io import (
-    LAYOUTS, DataError, ImageFormatError, ImageInfo, array_crop, check_compatible, check_folder, pil_crop, pil_info,
-    pil_target_mode, read_info, read_pil, read_unit, scale_to_unit, uses_pillow,
+    LAYOUTS, UNREADABLE_IMAGE_ERRORS, DataError, ImageFile, ImageFormatError, ImageInfo, array_crop, check_folder,
+    pil_crop, pil_target_mode, scale_to_unit,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -183,11 +183,15 @@ class ImageFolderDataset(Dataset):
         except ImageFormatError as e:
             raise DataError(str(e)) from None
 
+    def open(self, index: int) -> ImageFile:
+        """File `index`, opened once (a context manager), its header checked against the data set's format
+        (ImageFormatError names the file)."""
+        return ImageFile(self.files[index], self.layout, self.in_chans, self.dtype)
+
     def info(self, index: int) -> ImageInfo:
         """Header of file `index`, checked against the data set's format (ImageFormatError names the file)."""
-        info = read_info(self.files[index], self.layout, self.in_chans)
-        check_compatible(info, self.in_chans, self.dtype)
-        return info
+        with self.open(index) as image:
+            return image.info
 
     def __len__(self) -> int:
         return len(self.files)
@@ -199,7 +203,8 @@ class ImageFolderDataset(Dataset):
     # ------------------------------------------------------------ whole images
     def load_unit(self, index: int) -> torch.Tensor:
         """File `index` as a float32 (in_chans, H, W) tensor in [0, 1] (integers scaled by their dtype's maximum)."""
-        return torch.from_numpy(read_unit(self.info(index), self.in_chans))
+        with self.open(index) as image:
+            return torch.from_numpy(scale_to_unit(image.read(self.in_chans)))
 
     def load(self, index: int) -> Image.Image:
         """File `index` as an 8-bit Pillow image (RGB or L), for Pillow transforms and pictures.
@@ -207,7 +212,8 @@ class ImageFolderDataset(Dataset):
         16-bit and float images are scaled by their range (never clipped to white); only 1- and 3-channel
         data sets have a Pillow form.
         """
-        return read_pil(self.info(index), self.in_chans)
+        with self.open(index) as image:
+            return image.read_pil(self.in_chans)
 
     def fixed_batch(self, count: int) -> Optional[torch.Tensor]:
         """`count` images spread over the set, shorter side resized to input_size, centre-cropped, normalised.
@@ -218,9 +224,10 @@ class ImageFolderDataset(Dataset):
         images = []
         for i in np.linspace(0, len(self) - 1, min(count, len(self))).round().astype(int):
             try:
-                images.append(transform(self.load_unit(int(i))))
-            except (OSError, ValueError, Image.DecompressionBombError):
+                unit = self.load_unit(int(i))
+            except UNREADABLE_IMAGE_ERRORS:
                 continue
+            images.append(transform(unit))
         return torch.stack(images) if images else None
 
     # ------------------------------------------------------------ training items
@@ -243,19 +250,17 @@ class ImageFolderDataset(Dataset):
     def crop_item(self, file_index: int, index: int):
         """The augmented sample `index` from file `file_index`: a normalised tensor or, for decode='gpu', an
         `EncodedImage` (JPEG bytes + box) or uint8 crop that `to_device` finishes."""
-        path = self.files[file_index]
-        if uses_pillow(path):
-            with open(path, "rb") as f, Image.open(f) as image:
-                return self._crop_pillow(image, f, index)
-        info = self.info(file_index)
-        box, flip = self.sample_crop(info.height, info.width, index)
-        return self._finish(array_crop(torch.from_numpy(read_unit(info, self.in_chans)), box, self.input_size), flip)
+        with self.open(file_index) as image:
+            info = image.info
+            box, flip = self.sample_crop(info.height, info.width, index)
+            if image.pil is not None:
+                return self._crop_pillow(image.pil, image.file, info, box, flip)
+            crop = scale_to_unit(image.read(self.in_chans, box))  # only the crop is read (arrays) and converted
+        _, _, h, w = box
+        return self._finish(array_crop(torch.from_numpy(crop), (0, 0, h, w), self.input_size), flip)
 
-    def _crop_pillow(self, image: Image.Image, f, index: int):
+    def _crop_pillow(self, image: Image.Image, f, info: ImageInfo, box: Tuple[int, int, int, int], flip: bool):
         size = self.input_size
-        info = pil_info(f.name, image)
-        check_compatible(info, self.in_chans, self.dtype)
-        box, flip = self.sample_crop(image.height, image.width, index)
         if self.decode == "gpu" and image.format == "JPEG" and image.mode in ("RGB", "L"):
             f.seek(0)
             data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
@@ -268,8 +273,9 @@ class ImageFolderDataset(Dataset):
             return pixels if self.decode == "gpu" else self.normalise(pixels, 255.0)
         stored = np.asarray(image)  # as stored (RGBA: Pillow's resize would premultiply alpha)
         stored = stored if stored.ndim == 3 else stored[..., None]
-        unit = torch.from_numpy(scale_to_unit(stored).transpose(2, 0, 1))
-        return self._finish(array_crop(unit, box, size), flip)
+        top, left, h, w = box
+        unit = torch.from_numpy(scale_to_unit(stored[top:top + h, left:left + w]).transpose(2, 0, 1))
+        return self._finish(array_crop(unit, (0, 0, h, w), size), flip)
 
     def _finish(self, unit: torch.Tensor, flip: bool) -> torch.Tensor:
         """A cropped (C, S, S) image in 0..1 -> the normalised sample, or for decode='gpu' the uint8 crop
@@ -288,7 +294,7 @@ class ImageFolderDataset(Dataset):
                     return self.crop_item(i, index), tuple(bad)
                 image = self.load(i)
                 break
-            except (OSError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
+            except UNREADABLE_IMAGE_ERRORS as e:
                 bad.append((str(self.files[i]), f"{type(e).__name__}: {e}"))
         else:
             raise DataError(f"{self.max_retries} unreadable images in a row from {self.files[index]}; "

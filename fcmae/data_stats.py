@@ -17,9 +17,8 @@ import math
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
 
-from fcmae.image_io import DataError
+from fcmae.image_io import UNREADABLE_IMAGE_ERRORS, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,7 +45,7 @@ def channel_stats(dataset, max_images: int = STATS_IMAGES, seed: int = 0,
     for n, i in enumerate(picks):
         try:
             unit = dataset.load_unit(int(i)).double()
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except UNREADABLE_IMAGE_ERRORS:
             continue  # unreadable files are reported by training; the statistics skip them
         flat = unit.reshape(unit.shape[0], -1)
         total = flat.sum(1) if total is None else total + flat.sum(1)

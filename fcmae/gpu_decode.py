@@ -161,8 +161,10 @@ def _decode_on_cpu(data: torch.Tensor) -> Optional[torch.Tensor]:
     import numpy as np
     from PIL import Image
 
+    from fcmae.image_io import UNREADABLE_IMAGE_ERRORS
+
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except UNREADABLE_IMAGE_ERRORS:
         return None

@@ -1,5 +1,11 @@
 """Reading training images of any supported kind: headers, full arrays, fast random crops.
 
+`ImageFile` opens a file once and gives its header and then its pixels,
+whole or only a crop. A crop of a .npy, or of a TIFF stored uncompressed
+in one piece, is read from a memory map (only the parts of the file that
+hold it); other files are decoded whole and the crop cut from them. Only
+the crop is converted to float, not the whole (large microscopy) image.
+
 Formats and how they are read:
 
 - JPEG, 8-bit PNG, BMP, PPM/PGM, WebP, 8-bit TIFF-less formats: Pillow.
@@ -52,6 +58,13 @@ PIL_MODE_DTYPE = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "
 PNG_COLOR_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 
 
+# What reading an unreadable image file raises: a truncated or corrupt file (OSError; RuntimeError from
+# torchvision's PNG decoder; ValueError from numpy and tifffile), one too large for Pillow, or one not of the
+# data set's format (ImageFormatError is a ValueError). Training skips such files and reports them; the header
+# check (`check_folder`, where a format mismatch is an error), the channel statistics and pictures skip them.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, RuntimeError, Image.DecompressionBombError)
+
+
 class DataError(ValueError):
     """Unusable training data; the message says what is wrong and where."""
 
@@ -89,10 +102,8 @@ class ImageInfo:
         return f"{self.channels} channel(s) of {self.dtype}"
 
 
-def png_header(path: PathLike) -> Optional[Tuple[int, int, int, int]]:
-    """(width, height, bit depth, colour type) from a PNG's IHDR, or None when it is not a PNG."""
-    with open(path, "rb") as f:
-        head = f.read(29)
+def png_header(head: bytes) -> Optional[Tuple[int, int, int, int]]:
+    """(width, height, bit depth, colour type) from a file's first 29 bytes when it is a PNG, else None."""
     if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         return None
     width, height, depth, color = struct.unpack(">IIBB", head[16:26])
@@ -121,38 +132,155 @@ def _array_layout(path: str, shape: Tuple[int, ...], layout: str, in_chans: Opti
     return "HWC", shape[2], shape[0], shape[1]
 
 
+class ImageFile:
+    """An image file opened once: its header at once, its pixels when asked for (whole, or only a crop).
+
+        with ImageFile(path, layout, in_chans) as image:
+            image.info                   # the header, as `read_info` gives it
+            image.read(in_chans)         # the whole image as stored: (C, H, W), its own dtype
+            image.read(in_chans, box)    # only box = (top, left, height, width) of it: (C, h, w)
+
+    What a crop reads: a .npy is memory-mapped, and so is a TIFF whose
+    pixels lie uncompressed and contiguous in the file (tifffile's
+    `dataoffset`), so only the parts of the file that hold the crop are
+    read from disk; other TIFFs, 16-bit PNGs and Pillow images are decoded
+    whole and the crop is cut from the decoded pixels. Either way the caller
+    converts only the crop to float. Pillow files: `pil` is the opened, not
+    yet decoded image and `file` its open file object (None for the other
+    kinds).
+
+    Args:
+        path: the image file.
+        layout: 'auto', 'HWC' or 'CHW', for 3-D .npy arrays (see the module docstring).
+        in_chans: the data set's channel count, which decides 'auto' layouts.
+        dtype: the data set's sample dtype; when given, the header is checked against in_chans channels of it
+            (`check_compatible`: ImageFormatError naming the file).
+    """
+
+    def __init__(self, path: PathLike, layout: str = "auto", in_chans: Optional[int] = None,
+                 dtype: Optional[str] = None):
+        self.path = str(path)
+        self.file = self.pil = None
+        self._array = self._tif = None
+        try:
+            self.info = self._open(Path(self.path).suffix.lower(), layout, in_chans)
+            if dtype is not None:
+                check_compatible(self.info, in_chans, dtype)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, suffix: str, layout: str, in_chans: Optional[int]) -> ImageInfo:
+        path = self.path
+        if suffix in ARRAY_SUFFIXES:
+            try:
+                self._array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:  # unreadable, like a truncated JPEG: skipped and reported by training
+                raise OSError(f"{path}: not a readable .npy array ({e})") from None
+            _check_dtype(path, self._array.dtype)
+            kind_layout, channels, height, width = _array_layout(path, self._array.shape, layout, in_chans)
+            return ImageInfo(path, height, width, channels, self._array.dtype.name, "npy", layout=kind_layout)
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            self._tif = tifffile.TiffFile(path)
+            series = self._tif.series[0]
+            shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
+            _check_dtype(path, dtype)
+            if len(shape) == 2:
+                return ImageInfo(path, shape[0], shape[1], 1, dtype.name, "tiff", layout="HW")
+            if len(shape) != 3:
+                raise ImageFormatError(f"{path}: a TIFF image must have 2 or 3 axes, got shape {shape} (axes {axes})")
+            if axes.endswith("S"):
+                return ImageInfo(path, shape[0], shape[1], shape[2], dtype.name, "tiff", layout="HWC")
+            return ImageInfo(path, shape[1], shape[2], shape[0], dtype.name, "tiff", layout="CHW")
+        self.file = open(path, "rb")
+        png = png_header(self.file.read(29)) if suffix == ".png" else None
+        self.file.seek(0)
+        if png is not None and png[2] == 16:
+            width, height, _, color = png
+            return ImageInfo(path, height, width, PNG_COLOR_CHANNELS.get(color, 0), "uint16", "png16")
+        try:
+            self.pil = Image.open(self.file)
+        except Image.UnidentifiedImageError:  # name the file, as Image.open(path) does
+            raise Image.UnidentifiedImageError(f"cannot identify image file {path!r}") from None
+        return pil_info(path, self.pil)
+
+    def read(self, in_chans: int, box: Optional[Tuple[int, int, int, int]] = None) -> np.ndarray:
+        """The whole image as stored, or only `box` = (top, left, height, width) of it: a C-contiguous
+        (C, H, W) or (C, h, w) array of its own dtype in native byte order (photographs converted per
+        in_chans), in memory (never a view of the file)."""
+        info = self.info
+        if info.kind == "npy":
+            stored = self._array  # memory map: slicing reads only the crop
+        elif info.kind == "tiff":
+            stored = self._tiff_pixels() if box is not None else self._tif.asarray(series=0)
+        elif info.kind == "png16":
+            from torchvision.io import ImageReadMode, decode_png
+
+            self.file.seek(0)
+            data = torch.frombuffer(bytearray(self.file.read()), dtype=torch.uint8)
+            pixels = decode_png(data, ImageReadMode.UNCHANGED)  # (C, H, W) torch.uint16
+            stored = pixels.view(torch.int16).numpy().view(np.uint16)
+        else:
+            image = self.pil
+            mode = pil_target_mode(in_chans) if info.dtype == "uint8" else None
+            if mode is not None and image.mode != mode:
+                image = image.convert(mode)
+            stored = np.asarray(image)
+        if stored.ndim == 2:
+            stored = stored[None]
+        elif info.layout == "HWC" or (info.kind == "pil" and stored.ndim == 3):
+            stored = stored.transpose(2, 0, 1)
+        if box is not None:
+            top, left, height, width = box
+            stored = stored[:, top:top + height, left:left + width]
+        native = stored.dtype.newbyteorder("=")
+        if isinstance(stored, np.memmap):  # (a view of) the file: copy what is needed into memory
+            return np.array(stored, dtype=native, order="C")
+        return np.ascontiguousarray(stored, dtype=native)
+
+    def read_pil(self, in_chans: int) -> Image.Image:
+        """An 8-bit Pillow image (RGB for in_chans 3, L for 1) for Pillow transforms and pictures.
+
+        8-bit files are decoded by Pillow (photographs converted per in_chans);
+        16-bit and float images are scaled by their range first, never clipped to white.
+        """
+        mode = pil_target_mode(in_chans)
+        if mode is None:
+            raise ImageFormatError(f"{self.path}: a {in_chans}-channel image has no 8-bit Pillow form")
+        if self.info.kind == "pil" and self.info.dtype == "uint8":
+            self.pil.load()  # decode now, so truncated files fail here
+            return self.pil.convert(mode)
+        pixels = (np.clip(scale_to_unit(self.read(in_chans)), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return Image.fromarray(pixels[0] if in_chans == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+
+    def _tiff_pixels(self) -> np.ndarray:
+        """The first series as tifffile stores it: memory-mapped when it lies uncompressed in one piece, else
+        decoded (all of it)."""
+        series, handle = self._tif.series[0], self._tif.filehandle
+        offset = series.dataoffset
+        if offset is not None and handle.is_file and offset + series.size * series.dtype.itemsize <= handle.size:
+            return handle.memmap_array(self._tif.byteorder + series.dtype.char, tuple(series.shape), offset)
+        return self._tif.asarray(series=0)
+
+    def close(self) -> None:
+        for handle in (self.pil, self.file, self._tif):
+            if handle is not None:
+                handle.close()
+        self._array = None
+
+    def __enter__(self) -> "ImageFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_info(path: PathLike, layout: str = "auto", in_chans: Optional[int] = None) -> ImageInfo:
     """The header of an image file (nothing is decoded). Raises ImageFormatError, OSError."""
-    path = str(path)
-    suffix = Path(path).suffix.lower()
-    if suffix in ARRAY_SUFFIXES:
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:  # unreadable, like a truncated JPEG: skipped and reported by training
-            raise OSError(f"{path}: not a readable .npy array ({e})") from None
-        _check_dtype(path, array.dtype)
-        kind_layout, channels, height, width = _array_layout(path, array.shape, layout, in_chans)
-        return ImageInfo(path, height, width, channels, array.dtype.name, "npy", layout=kind_layout)
-    if suffix in TIFF_SUFFIXES:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
-        _check_dtype(path, dtype)
-        if len(shape) == 2:
-            return ImageInfo(path, shape[0], shape[1], 1, dtype.name, "tiff", layout="HW")
-        if len(shape) != 3:
-            raise ImageFormatError(f"{path}: a TIFF image must have 2 or 3 axes, got shape {shape} (axes {axes})")
-        if axes.endswith("S"):
-            return ImageInfo(path, shape[0], shape[1], shape[2], dtype.name, "tiff", layout="HWC")
-        return ImageInfo(path, shape[1], shape[2], shape[0], dtype.name, "tiff", layout="CHW")
-    png = png_header(path) if suffix == ".png" else None
-    if png is not None and png[2] == 16:
-        width, height, _, color = png
-        return ImageInfo(path, height, width, PNG_COLOR_CHANNELS.get(color, 0), "uint16", "png16")
-    with Image.open(path) as image:
-        return pil_info(path, image)
+    with ImageFile(path, layout, in_chans) as image:
+        return image.info
 
 
 def pil_info(path: PathLike, image: Image.Image) -> ImageInfo:
@@ -161,15 +289,6 @@ def pil_info(path: PathLike, image: Image.Image) -> ImageInfo:
         raise ImageFormatError(f"{path}: unsupported Pillow image mode {image.mode!r}")
     return ImageInfo(str(path), image.height, image.width, PIL_MODE_CHANNELS[image.mode],
                      PIL_MODE_DTYPE.get(image.mode, "uint8"), "pil", mode=image.mode)
-
-
-def uses_pillow(path: PathLike) -> bool:
-    """Whether `read_info` reads this file with Pillow (everything but .npy, TIFF and 16-bit PNG)."""
-    suffix = Path(path).suffix.lower()
-    if suffix in ARRAY_SUFFIXES or suffix in TIFF_SUFFIXES:
-        return False
-    png = png_header(path) if suffix == ".png" else None
-    return png is None or png[2] != 16
 
 
 def _check_dtype(path: str, dtype: np.dtype) -> None:
@@ -201,52 +320,6 @@ def pil_target_mode(in_chans: int) -> Optional[str]:
     return {1: "L", 3: "RGB"}.get(in_chans)
 
 
-def read_array(info: ImageInfo, in_chans: int) -> np.ndarray:
-    """The whole image as stored: a (C, H, W) array of its own dtype (photographs converted per in_chans)."""
-    if info.kind == "npy":
-        array = np.load(info.path, allow_pickle=False)
-    elif info.kind == "tiff":
-        import tifffile
-
-        array = tifffile.imread(info.path, series=0)
-    elif info.kind == "png16":
-        from torchvision.io import ImageReadMode, decode_png, read_file
-
-        pixels = decode_png(read_file(info.path), ImageReadMode.UNCHANGED)  # (C, H, W) torch.uint16
-        return pixels.view(torch.int16).numpy().view(np.uint16)
-    else:
-        with Image.open(info.path) as image:
-            mode = pil_target_mode(in_chans) if info.dtype == "uint8" else None
-            if mode is not None and image.mode != mode:
-                image = image.convert(mode)
-            array = np.asarray(image)
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    if array.ndim == 2:
-        return array[None]
-    if info.layout == "HWC" or (info.kind == "pil" and array.ndim == 3):
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
-    return array
-
-
-def read_pil(info: ImageInfo, in_chans: int) -> Image.Image:
-    """An 8-bit Pillow image (RGB for in_chans 3, L for 1) for Pillow transforms and pictures.
-
-    8-bit files are decoded by Pillow (photographs converted per in_chans);
-    16-bit and float images are scaled by their range first, never clipped to white.
-    """
-    mode = pil_target_mode(in_chans)
-    if mode is None:
-        raise ImageFormatError(f"{info.path}: a {in_chans}-channel image has no 8-bit Pillow form")
-    if info.kind == "pil" and info.dtype == "uint8":
-        with open(info.path, "rb") as f:
-            image = Image.open(f)
-            image.load()  # decode now, so truncated files fail here
-            return image.convert(mode)
-    pixels = (np.clip(read_unit(info, in_chans), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return Image.fromarray(pixels[0] if in_chans == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
-
-
 def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, where: str = "") -> list:
     """Headers of up to `limit` of `files`, spread over the list (first included); all must agree.
 
@@ -258,7 +331,9 @@ def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, 
     for i in picks:
         try:
             infos.append(read_info(files[i], layout, in_chans))
-        except (OSError, Image.DecompressionBombError):
+        except ImageFormatError:
+            raise
+        except UNREADABLE_IMAGE_ERRORS:
             continue
     if not infos:
         raise ImageFormatError(f"none of the {len(picks)} files checked in {where} is a readable image, "
@@ -272,8 +347,11 @@ def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, 
 
 
 def read_unit(info: ImageInfo, in_chans: int) -> np.ndarray:
-    """The whole image as a float32 (C, H, W) array in [0, 1] (integers scaled by their dtype's maximum)."""
-    return scale_to_unit(read_array(info, in_chans))
+    """The whole image of `info` (its file opened again) as a float32 (C, H, W) array in [0, 1] (integers
+    scaled by their dtype's maximum)."""
+    layout = info.layout if info.layout in LAYOUTS else "auto"  # as the header was read
+    with ImageFile(info.path, layout, info.channels) as image:
+        return scale_to_unit(image.read(in_chans))
 
 
 # ---------------------------------------------------------------- crops

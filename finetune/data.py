@@ -18,7 +18,10 @@ transforms (`uses_pil`); anything else is a float (C, H, W) tensor in
 tensor pipeline: RandomResizedCrop (bicubic, antialiased) + flip +
 normalisation + timm's random erasing for training, resize + centre crop
 for evaluation (no RandAugment or colour jitter, which are defined for
-8-bit RGB). Mixup/CutMix act on batches and work for both.
+8-bit RGB). Mixup/CutMix act on batches and work for both. Each sample's
+file is opened once; with the tensor training transform only its random
+crop is read (.npy and uncompressed TIFF: from a memory map) and converted
+to float, as in pre-training.
 """
 
 import os
@@ -35,7 +38,7 @@ from torch.utils.data import Dataset, Sampler
 from fcmae.data import (
     IMAGENET_MEAN, IMAGENET_STD, DataError, TensorEvalTransform, check_in_chans, list_images, sample_crop, sample_seed,
 )
-from fcmae.image_io import ImageFormatError, array_crop, check_compatible, check_folder, read_info, read_pil, read_unit
+from fcmae.image_io import ImageFile, ImageFormatError, array_crop, check_folder, scale_to_unit
 
 PathLike = Union[str, os.PathLike]
 
@@ -96,14 +99,18 @@ class LabelledFolder(Dataset):
         self.bit_depth = 8 * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
         self.uses_pil = self.dtype == "uint8" and self.in_chans == 3
 
+    def open(self, index: int) -> ImageFile:
+        """Image `index`, opened once (a context manager), its header checked against the data's format."""
+        return ImageFile(self.samples[index][0], self.layout, self.in_chans, self.dtype)
+
     def info(self, index: int):
-        info = read_info(self.samples[index][0], self.layout, self.in_chans)
-        check_compatible(info, self.in_chans, self.dtype)
-        return info
+        with self.open(index) as image:
+            return image.info
 
     def load_unit(self, index: int) -> torch.Tensor:
         """Image `index` as a float32 (in_chans, H, W) tensor in [0, 1] (for channel statistics)."""
-        return torch.from_numpy(read_unit(self.info(index), self.in_chans))
+        with self.open(index) as image:
+            return torch.from_numpy(scale_to_unit(image.read(self.in_chans)))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,10 +119,17 @@ class LabelledFolder(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int):
-        label = self.samples[index][1]
-        image = read_pil(self.info(index), self.in_chans) if self.uses_pil else self.load_unit(index)
+        label, seed = self.samples[index][1], sample_seed(self.seed, self.epoch, index)
+        with self.open(index) as file:  # one open per sample
+            if self.uses_pil:
+                image = file.read_pil(self.in_chans)
+            elif isinstance(self.transform, TensorTrainTransform):  # reads and converts only its crop
+                with seeded_rngs(seed):
+                    return self.transform.from_file(file, self.in_chans), label
+            else:
+                image = torch.from_numpy(scale_to_unit(file.read(self.in_chans)))
         if self.transform is not None:
-            with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+            with seeded_rngs(seed):
                 image = self.transform(image)
         return image, label
 
@@ -216,7 +230,15 @@ class TensorTrainTransform:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         box, flip = sample_crop(image.shape[-2], image.shape[-1], self.scale)
-        x = array_crop(image, box, self.size)
+        return self._finish(array_crop(image, box, self.size), flip)
+
+    def from_file(self, image: ImageFile, in_chans: int) -> torch.Tensor:
+        """The same as `self(whole image)` for an open image file, reading and converting only the crop."""
+        box, flip = sample_crop(image.info.height, image.info.width, self.scale)
+        crop = torch.from_numpy(scale_to_unit(image.read(in_chans, box)))
+        return self._finish(array_crop(crop, (0, 0, box[2], box[3]), self.size), flip)
+
+    def _finish(self, x: torch.Tensor, flip: bool) -> torch.Tensor:
         x = (x.flip(-1) if flip else x) - self.mean
         x = x / self.std
         return self.erase(x) if self.erase is not None else x

@@ -189,3 +189,26 @@ def test_fixed_batch_for_the_reconstruction_picture(tmp_path):
     batch = ds.fixed_batch(4)  # the broken file is left out
     assert batch.shape == (3, 2, 16, 16)
     torch.testing.assert_close(batch[:, 0, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_every_reader_skips_the_same_unreadable_files(tmp_path):
+    """One list of 'unreadable' errors (image_io.UNREADABLE_IMAGE_ERRORS) for training, the header check, the
+    channel statistics and the reconstruction picture: a truncated 16-bit PNG (torchvision raises RuntimeError)
+    stopped the statistics and the picture, a corrupt TIFF header (tifffile raises a ValueError) the header check."""
+    import tifffile
+
+    root = folder(tmp_path)
+    values = np.random.default_rng(0).integers(0, 65536, (24, 32), dtype=np.uint16)
+    Image.fromarray(values).save(root / "a.png")
+    data = (root / "a.png").read_bytes()
+    (root / "b.png").write_bytes(data[:len(data) // 2])  # header intact, pixels cut off
+    tifffile.imwrite(tmp_path / "c.tif", values)
+    (root / "c.tif").write_bytes((tmp_path / "c.tif").read_bytes()[:100])  # IFD cut off
+    logs = []
+    ds = ImageFolderDataset(root, input_size=16, in_chans=1, mean="auto", std="auto", logger=logs.append)
+    assert "channel statistics from 1 images" in logs[-1]
+    np.testing.assert_allclose(ds.mean, [(values / 65535.0).mean()], atol=1e-5)
+    assert ds.fixed_batch(3).shape == (1, 1, 16, 16)
+    for index, name, error in ((1, "b.png", "RuntimeError"), (2, "c.tif", "TiffFileError")):
+        x, bad = ds[index]
+        assert x.shape == (1, 16, 16) and bad[0][0].endswith(name) and bad[0][1].startswith(error)

@@ -42,3 +42,67 @@ def test_sixteen_bit_grey_and_four_channel_npy(tmp_path):
             torch.testing.assert_close(x, torch.full_like(x, (11000 / 65535 - 0.5) / 0.25), atol=1e-4, rtol=0)
     with pytest.raises(DataError, match=r"0\.png has 1 channel\(s\) but the data set has in_chans=3"):
         ftdata.LabelledFolder(tmp_path / "g16", ["a", "b"])
+
+
+def test_each_sample_opens_its_file_once_and_the_train_crop_equals_the_whole_image_cropped(tmp_path, monkeypatch):
+    """Fine-tuning opened each file two or three times per sample (header, then pixels) and converted the whole
+    image to float before the training crop; now one open, and only the crop read and converted, bit for bit
+    the same tensors as transforming the whole image."""
+    import tifffile
+
+    from fcmae.data import sample_crop, sample_seed
+    from fcmae.image_io import scale_to_unit
+    from tests.test_image_reading import OpenCounter
+
+    rng = np.random.default_rng(3)
+    deep, grey, photos = tmp_path / "deep", tmp_path / "grey", tmp_path / "photos"
+    wholes = {}  # file name -> the whole image in [0, 1]
+    for i, write in enumerate((lambda p, a: np.save(p.with_suffix(".npy"), a),
+                               lambda p, a: tifffile.imwrite(p.with_suffix(".tif"), a),
+                               lambda p, a: tifffile.imwrite(p.with_suffix(".tif"), a, compression="zlib"),
+                               lambda p, a: Image.fromarray(a).save(p.with_suffix(".png")))):
+        (deep / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        a = rng.integers(0, 65536, (40 + i, 56 - i), dtype=np.uint16)
+        write(deep / "ab"[i % 2] / f"{i}", a)
+        wholes[next((deep / "ab"[i % 2]).glob(f"{i}.*")).name] = scale_to_unit(a[None])
+    for label in "ab":
+        (grey / label).mkdir(parents=True)  # 8-bit, 1 channel: Pillow's files, as tensors
+        a = rng.integers(0, 256, (38, 45), dtype=np.uint8)
+        Image.fromarray(a).save(grey / label / f"{label}.png")
+        Image.fromarray(a).save(grey / label / f"{label}.jpg")
+        for path in (grey / label).iterdir():
+            wholes[path.name] = scale_to_unit(np.asarray(Image.open(path))[None])
+        (photos / label).mkdir(parents=True)
+        rgb = rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(photos / label / "x.png")
+        Image.fromarray(rgb).save(photos / label / "y.jpg")
+    sets = [ftdata.LabelledFolder(root, ["a", "b"], seed=4, in_chans=1) for root in (deep, grey)]
+    for ds in sets:
+        ds.transform = ftdata.train_transform({**CFG, "reprob": 0.5}, [0.5], [0.25], pil=False)
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            for index, (path, _) in enumerate(ds.samples):
+                x, _ = ds[index]
+                with ftdata.seeded_rngs(sample_seed(4, epoch, index)):
+                    expected = ds.transform(torch.from_numpy(wholes[path.name]))
+                assert torch.equal(x, expected), (path.name, epoch)
+    ds = sets[0]
+    photo_ds = ftdata.LabelledFolder(photos, ["a", "b"], in_chans=3)
+    photo_ds.transform = ftdata.train_transform({**CFG, "aa": None, "color_jitter": 0.4}, pil=True)
+    converted = []
+    monkeypatch.setattr(ftdata, "scale_to_unit", lambda x: converted.append(x.shape) or scale_to_unit(x),
+                        raising=False)
+    counter = OpenCounter(monkeypatch)
+    for data, transforms in ((ds, (ds.transform, ftdata.eval_transform(CFG, [0.5], [0.25], pil=False), None)),
+                             (photo_ds, (photo_ds.transform, None))):
+        for transform in transforms:
+            data.transform = transform
+            for index, (path, _) in enumerate(data.samples):
+                counter.opens.clear()
+                converted.clear()
+                data[index]
+                assert counter.opens == {path.name: 1}, (path.name, counter.opens)
+                if isinstance(transform, ftdata.TensorTrainTransform):
+                    with ftdata.seeded_rngs(sample_seed(4, data.epoch, index)):
+                        box, _ = sample_crop(*wholes[path.name].shape[1:], transform.scale)
+                    assert converted == [(1, box[2], box[3])], (path.name, converted, box)  # the crop only
