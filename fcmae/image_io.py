@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -183,9 +184,10 @@ class ImageFile:
         if suffix in TIFF_SUFFIXES:
             import tifffile
 
-            self._tif = tifffile.TiffFile(path)
-            series = self._tif.series[0]
-            shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
+            with _corrupt_tiff_is_unreadable(path):
+                self._tif = tifffile.TiffFile(path)
+                series = self._tif.series[0]
+                shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
             _check_dtype(path, dtype)
             if len(shape) == 2:
                 return ImageInfo(path, shape[0], shape[1], 1, dtype.name, "tiff", layout="HW")
@@ -214,7 +216,8 @@ class ImageFile:
         if info.kind == "npy":
             stored = self._array  # memory map: slicing reads only the crop
         elif info.kind == "tiff":
-            stored = self._tiff_pixels() if box is not None else self._tif.asarray(series=0)
+            with _corrupt_tiff_is_unreadable(self.path):
+                stored = self._tiff_pixels() if box is not None else self._tif.asarray(series=0)
         elif info.kind == "png16":
             from torchvision.io import ImageReadMode, decode_png
 
@@ -275,6 +278,19 @@ class ImageFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextmanager
+def _corrupt_tiff_is_unreadable(path: str):
+    """tifffile meets a corrupt file with whatever its parsing runs into (IndexError, ZeroDivisionError,
+    TypeError, MemoryError for a header that claims a huge image, ...): make each an OSError naming the
+    file, so that training skips it like any unreadable image instead of stopping."""
+    try:
+        yield
+    except UNREADABLE_IMAGE_ERRORS:
+        raise
+    except Exception as e:  # MemoryError included
+        raise OSError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
 
 
 def read_info(path: PathLike, layout: str = "auto", in_chans: Optional[int] = None) -> ImageInfo:

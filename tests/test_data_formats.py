@@ -212,3 +212,41 @@ def test_every_reader_skips_the_same_unreadable_files(tmp_path):
     for index, name, error in ((1, "b.png", "RuntimeError"), (2, "c.tif", "TiffFileError")):
         x, bad = ds[index]
         assert x.shape == (1, 16, 16) and bad[0][0].endswith(name) and bad[0][1].startswith(error)
+
+
+def corrupt_tiff(raw: bytes, how: str) -> bytes:
+    """A little-endian TIFF with one header field broken, found by parsing (not by fixed byte positions)."""
+    data = bytearray(raw)
+    if how == "no pages":
+        data[4:8] = bytes(4)  # the first IFD's offset: 0
+        return bytes(data)
+    ifd = int.from_bytes(data[4:8], "little")
+    entries = [ifd + 2 + 12 * i for i in range(int.from_bytes(data[ifd:ifd + 2], "little"))]
+    width = next(e for e in entries if int.from_bytes(data[e:e + 2], "little") == 256)  # the ImageWidth tag
+    if how == "no width":
+        data[width:width + 2] = (0x1FF).to_bytes(2, "little")  # an unknown tag instead
+    elif how == "empty width":
+        data[width + 4:width + 8] = bytes(4)  # a value count of 0
+    elif how == "huge width":
+        data[width + 11] = 0xFF  # the value's high byte
+    return bytes(data)
+
+
+@pytest.mark.parametrize("how", ["no pages", "no width", "empty width", "huge width"])
+def test_a_corrupt_tiff_is_skipped_like_any_unreadable_image(tmp_path, how):
+    """tifffile meets corrupt headers with IndexError, ZeroDivisionError, TypeError or MemoryError; each is an
+    OSError naming the file, so training skips it instead of stopping."""
+    import tifffile
+
+    from fcmae.image_io import ImageFile
+
+    root = folder(tmp_path)
+    values = np.random.default_rng(0).integers(0, 65536, (24, 32), dtype=np.uint16)
+    tifffile.imwrite(root / "a.tif", values)
+    (root / "b.tif").write_bytes(corrupt_tiff((root / "a.tif").read_bytes(), how))
+    with pytest.raises(OSError, match="b.tif"):
+        with ImageFile(root / "b.tif", in_chans=1) as image:
+            image.read(1, (0, 0, 16, 16))
+    ds = ImageFolderDataset(root, input_size=16, in_chans=1, mean=[0.5], std=[0.5], logger=lambda line: None)
+    x, bad = ds[1]
+    assert x.shape == (1, 16, 16) and len(bad) == 1 and bad[0][0].endswith("b.tif")
