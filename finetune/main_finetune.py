@@ -194,7 +194,9 @@ def load_weights(model, checkpoint: Dict[str, Any], path) -> None:
 def run(cfg: FinetuneConfig) -> int:
     """A real run (training, or evaluation with --eval); see Command.main for --dry_run."""
     with run_process(cfg) as info:
-        if cfg.eval:
+        if cfg.eval:  # no lock (a training run may hold it), but a folder eval.jsonl can be written to
+            if info.is_main:
+                ckpt.check_writable(cfg.output_dir)
             return _evaluate_only(cfg, info)
         with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
             return _train(cfg, info)

@@ -100,6 +100,16 @@ def test_bad_settings_are_refused_before_anything_runs(capsys, argv, message):
     assert re.search(message, err), err
 
 
+def test_eval_checks_its_output_folder_before_it_evaluates(tmp_path, capsys):
+    # eval.jsonl is written after the whole validation set: an unusable folder is an error at the start.
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        ft.main(["atto", "none", "--demo", "--eval", "true", "--output_dir", str(tmp_path / "a_file" / "eval")])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "not writable" in err and "needs a checkpoint" not in err, err
+
+
 def test_mixup_takes_an_odd_batch_size_that_the_plan_makes_even(capsys):
     # Only the fitted per-GPU batch must be even: 7 is lowered to 4 (4 x 2 accumulation = 8).
     with pytest.raises(SystemExit) as e:
