@@ -204,7 +204,7 @@ class ImageFolderDataset(Dataset):
     def load_unit(self, index: int) -> torch.Tensor:
         """File `index` as a float32 (in_chans, H, W) tensor in [0, 1] (integers scaled by their dtype's maximum)."""
         with self.open(index) as image:
-            return torch.from_numpy(scale_to_unit(image.read(self.in_chans)))
+            return image.read_unit(self.in_chans)
 
     def load(self, index: int) -> Image.Image:
         """File `index` as an 8-bit Pillow image (RGB or L), for Pillow transforms and pictures.
@@ -255,9 +255,9 @@ class ImageFolderDataset(Dataset):
             box, flip = self.sample_crop(info.height, info.width, index)
             if image.pil is not None:
                 return self._crop_pillow(image.pil, image.file, info, box, flip)
-            crop = scale_to_unit(image.read(self.in_chans, box))  # only the crop is read (arrays) and converted
+            crop = image.read_unit(self.in_chans, box)  # only the crop is read (arrays) and converted
         _, _, h, w = box
-        return self._finish(array_crop(torch.from_numpy(crop), (0, 0, h, w), self.input_size), flip)
+        return self._finish(array_crop(crop, (0, 0, h, w), self.input_size), flip)
 
     def _crop_pillow(self, image: Image.Image, f, info: ImageInfo, box: Tuple[int, int, int, int], flip: bool):
         size = self.input_size

@@ -243,6 +243,11 @@ class ImageFile:
             return np.array(stored, dtype=native, order="C")
         return np.ascontiguousarray(stored, dtype=native)
 
+    def read_unit(self, in_chans: int, box: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+        """`read` as a float32 tensor in [0, 1] (integers scaled by their dtype's maximum): only the crop is
+        converted when `box` is given."""
+        return torch.from_numpy(scale_to_unit(self.read(in_chans, box)))
+
     def read_pil(self, in_chans: int) -> Image.Image:
         """An 8-bit Pillow image (RGB for in_chans 3, L for 1) for Pillow transforms and pictures.
 
@@ -361,13 +366,6 @@ def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, 
             raise ImageFormatError(f"{e} (first file: {infos[0].path}, {infos[0].describe()})") from None
     return infos
 
-
-def read_unit(info: ImageInfo, in_chans: int) -> np.ndarray:
-    """The whole image of `info` (its file opened again) as a float32 (C, H, W) array in [0, 1] (integers
-    scaled by their dtype's maximum)."""
-    layout = info.layout if info.layout in LAYOUTS else "auto"  # as the header was read
-    with ImageFile(info.path, layout, info.channels) as image:
-        return scale_to_unit(image.read(in_chans))
 
 
 # ---------------------------------------------------------------- crops

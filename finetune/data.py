@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Sampler
 from fcmae.data import (
     IMAGENET_MEAN, IMAGENET_STD, DataError, TensorEvalTransform, check_in_chans, list_images, sample_crop, sample_seed,
 )
-from fcmae.image_io import ImageFile, ImageFormatError, array_crop, check_folder, scale_to_unit
+from fcmae.image_io import ImageFile, ImageFormatError, array_crop, check_folder
 
 PathLike = Union[str, os.PathLike]
 
@@ -110,7 +110,7 @@ class LabelledFolder(Dataset):
     def load_unit(self, index: int) -> torch.Tensor:
         """Image `index` as a float32 (in_chans, H, W) tensor in [0, 1] (for channel statistics)."""
         with self.open(index) as image:
-            return torch.from_numpy(scale_to_unit(image.read(self.in_chans)))
+            return image.read_unit(self.in_chans)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -127,7 +127,7 @@ class LabelledFolder(Dataset):
                 with seeded_rngs(seed):
                     return self.transform.from_file(file, self.in_chans), label
             else:
-                image = torch.from_numpy(scale_to_unit(file.read(self.in_chans)))
+                image = file.read_unit(self.in_chans)
         if self.transform is not None:
             with seeded_rngs(seed):
                 image = self.transform(image)
@@ -235,7 +235,7 @@ class TensorTrainTransform:
     def from_file(self, image: ImageFile, in_chans: int) -> torch.Tensor:
         """The same as `self(whole image)` for an open image file, reading and converting only the crop."""
         box, flip = sample_crop(image.info.height, image.info.width, self.scale)
-        crop = torch.from_numpy(scale_to_unit(image.read(in_chans, box)))
+        crop = image.read_unit(in_chans, box)
         return self._finish(array_crop(crop, (0, 0, box[2], box[3]), self.size), flip)
 
     def _finish(self, x: torch.Tensor, flip: bool) -> torch.Tensor:

@@ -130,7 +130,8 @@ def write_weights(state_dict: Dict[str, torch.Tensor], path: PathLike, metadata:
     storages = {}
     for value in state_dict.values():
         storages[_storage_key(value)] = storages.get(_storage_key(value), 0) + 1
-    tensors = {k: v.detach().clone() if storages[_storage_key(v)] > 1 else v.detach().contiguous()
+    tensors = {k: v.detach().clone(memory_format=torch.contiguous_format) if storages[_storage_key(v)] > 1
+               else v.detach().contiguous()
                for k, v in state_dict.items()}
     return write_atomic(path, lambda f: f.write(save(tensors, metadata=metadata)))
 

@@ -328,8 +328,11 @@ def stage_indices(sites, p: int, method: DepthwiseMethod, device: torch.device) 
     The indices are cached on `sites`, and made here, before the
     autograd.Function, so that none is created inside it (see window_index).
     """
-    for pad, images_last in ((0, False), (HALO, False), (HALO, True)):  # the scatters and the gather
-        sites.site_rows(p, pad, images_last)
+    sites.site_rows(p, HALO)  # x's (and the output gradient's) padded map
+    if method.conv == "dense" or method.weight_grad in ("dense", "dense-grouped"):
+        sites.site_rows(p)  # the gather of the dense conv's output; the unpadded output gradient's map
+    if method.weight_grad == "dense-grouped":
+        sites.site_rows(p, HALO, images_last=True)  # x's padded map laid out (H, W, N, C)
     uses_windows = method.conv == "windows" or method.weight_grad in ("windows", "windows-grouped", "loop")
     return window_index(sites, p, device) if uses_windows else None
 

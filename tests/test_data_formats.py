@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fcmae.data import DataError, ImageFolderDataset, channel_stats
-from fcmae.image_io import ImageFormatError, read_info, read_unit
+from fcmae.image_io import LAYOUTS, ImageFile, ImageFormatError, read_info
 
 
 def write_png16(path, array: np.ndarray) -> None:
@@ -52,6 +52,12 @@ def test_16bit_grey_png_is_scaled_not_white(tmp_path):
     assert x.shape == (1, 32, 32) and 0 <= float(x.mean()) < 0.07
 
 
+def read_unit(info, in_chans):
+    """The whole image of `info`, its file opened again with the layout its header was read with."""
+    with ImageFile(info.path, info.layout if info.layout in LAYOUTS else "auto", info.channels) as image:
+        return image.read_unit(in_chans)
+
+
 def test_16bit_colour_png_tiff_and_npy_layouts(tmp_path):
     rng = np.random.default_rng(0)
     hwc = rng.integers(0, 65536, (40, 50, 3), dtype=np.uint16)
@@ -67,7 +73,7 @@ def test_16bit_colour_png_tiff_and_npy_layouts(tmp_path):
         info = read_info(tmp_path / name, in_chans=3)
         assert (info.height, info.width, info.channels, info.dtype) == (40, 50, 3, "uint16"), name
         assert info.layout == layout, name
-        torch.testing.assert_close(torch.from_numpy(read_unit(info, 3)), expected, msg=name)
+        torch.testing.assert_close(read_unit(info, 3), expected, msg=name)
     # an explicit layout wins over the in_chans rule; 2-D arrays are 1 channel; floats are kept as they are
     assert read_info(tmp_path / "e.npy", layout="HWC", in_chans=3).channels == 50
     np.save(tmp_path / "f.npy", np.full((8, 9), 2.5, np.float32))

@@ -51,6 +51,7 @@ def test_each_sample_opens_its_file_once_and_the_train_crop_equals_the_whole_ima
     import tifffile
 
     from fcmae.data import sample_crop, sample_seed
+    from fcmae import image_io
     from fcmae.image_io import scale_to_unit
     from tests.test_image_reading import OpenCounter
 
@@ -90,8 +91,7 @@ def test_each_sample_opens_its_file_once_and_the_train_crop_equals_the_whole_ima
     photo_ds = ftdata.LabelledFolder(photos, ["a", "b"], in_chans=3)
     photo_ds.transform = ftdata.train_transform({**CFG, "aa": None, "color_jitter": 0.4}, pil=True)
     converted = []
-    monkeypatch.setattr(ftdata, "scale_to_unit", lambda x: converted.append(x.shape) or scale_to_unit(x),
-                        raising=False)
+    monkeypatch.setattr(image_io, "scale_to_unit", lambda x: converted.append(x.shape) or scale_to_unit(x))
     counter = OpenCounter(monkeypatch)
     for data, transforms in ((ds, (ds.transform, ftdata.eval_transform(CFG, [0.5], [0.25], pil=False), None)),
                              (photo_ds, (photo_ds.transform, None))):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import fcmae.data
+import fcmae.image_io
 from fcmae.data import ImageFolderDataset
 from fcmae.image_io import ImageFile, array_crop, scale_to_unit
 from tests.test_data_formats import write_png16
@@ -154,7 +155,8 @@ def test_each_sample_opens_its_file_once_and_converts_only_the_crop(tmp_path, mo
 
     converted, decoded, loads = [], [], []
     real_scale, real_asarray, real_load = scale_to_unit, tifffile.TiffFile.asarray, np.load
-    monkeypatch.setattr(fcmae.data, "scale_to_unit", lambda x: converted.append(x.shape) or real_scale(x))
+    for module in (fcmae.data, fcmae.image_io):  # ImageFile.read_unit, and the Pillow crops of fcmae/data.py
+        monkeypatch.setattr(module, "scale_to_unit", lambda x: converted.append(x.shape) or real_scale(x))
     monkeypatch.setattr(tifffile.TiffFile, "asarray", lambda self, *args, **kwargs: (
         decoded.append(Path(self.filehandle.path).name) or real_asarray(self, *args, **kwargs)))
     monkeypatch.setattr(np, "load", lambda *args, **kwargs: loads.append(kwargs.get("mmap_mode")) or

@@ -115,7 +115,11 @@ def _gpus_on_node(env: Mapping[str, str]) -> int:
 
 
 def world_from_environment(env: Optional[Mapping[str, str]] = None) -> World:
-    """The launcher and the number of nodes and processes, from the environment (see the module docstring)."""
+    """The launcher and the number of nodes and processes, from the environment (see the module docstring).
+
+    `env` holds the launcher's and the scheduler's variables; the GPU count is this process's
+    (`count_gpus`: torch reads CUDA_VISIBLE_DEVICES from the real environment, not from `env`).
+    """
     env = os.environ if env is None else env
     launcher = env.get("FCMAE_LAUNCHER", "")
     if launcher and launcher not in LAUNCHERS:
