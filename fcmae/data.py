@@ -20,12 +20,12 @@
 import math
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 from torchvision import transforms
 
 from fcmae.data_stats import (  # noqa: F401 (re-exported: part of this module's API)
@@ -33,8 +33,8 @@ from fcmae.data_stats import (  # noqa: F401 (re-exported: part of this module's
 )
 from fcmae.gpu_decode import EncodedBatch, EncodedImage, resolve_decode
 from fcmae.image_io import (
-    LAYOUTS, UNREADABLE_IMAGE_ERRORS, DataError, ImageFile, ImageFormatError, ImageInfo, array_crop, check_folder,
-    pil_crop, pil_target_mode, scale_to_unit,
+    LAYOUTS, UNREADABLE_IMAGE_ERRORS, DataError, ImageFile, ImageFormatError, ImageInfo, UnreadableImageError,
+    array_crop, check_folder, pil_crop, pil_target_mode, scale_to_unit,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -99,6 +99,32 @@ def sample_crop(height: int, width: int, scale: Sequence[float] = (0.2, 1.0),
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A distinct 63-bit seed for each (seed, epoch, index)."""
     return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2 ** 63 - 1)
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """Why a file could not be read, as the reports of bad files give it."""
+    return f"{type(error).__name__}: {error}"
+
+
+def first_readable(index: int, files: Sequence[PathLike], read: Callable[[int], Any], max_retries: int,
+                   root: PathLike) -> Tuple[Any, tuple]:
+    """(read(i), bad) for the first i of index, index + 1, ... (wrapping) whose file can be read.
+
+    Training's way with unreadable files (pre-training and fine-tuning): the
+    sample becomes the next readable file, so batches keep their size in
+    every process, and `bad` holds the (path, reason) of the files skipped,
+    for `BadImageTracker`. UnreadableImageError after `max_retries` bad
+    files in a row.
+    """
+    bad = []
+    for attempt in range(max_retries):
+        i = (index + attempt) % len(files)
+        try:
+            return read(i), tuple(bad)
+        except UNREADABLE_IMAGE_ERRORS as e:
+            bad.append((str(files[i]), unreadable_reason(e)))
+    raise UnreadableImageError(f"{max_retries} unreadable images in a row from {files[index]}; "
+                               f"the data set at {root} looks broken")
 
 
 class TensorEvalTransform:
@@ -286,25 +312,15 @@ class ImageFolderDataset(Dataset):
         return self.normalise(unit)
 
     def __getitem__(self, index: int):
-        bad = []
-        for attempt in range(self.max_retries):
-            i = (index + attempt) % len(self.files)
-            try:
-                if self.input_size is not None:
-                    return self.crop_item(i, index), tuple(bad)
-                image = self.load(i)
-                break
-            except UNREADABLE_IMAGE_ERRORS as e:
-                bad.append((str(self.files[i]), f"{type(e).__name__}: {e}"))
-        else:
-            raise DataError(f"{self.max_retries} unreadable images in a row from {self.files[index]}; "
-                            f"the data set at {self.root} looks broken")
+        if self.input_size is not None:
+            return first_readable(index, self.files, lambda i: self.crop_item(i, index), self.max_retries, self.root)
+        image, bad = first_readable(index, self.files, self.load, self.max_retries, self.root)
         if self.transform is not None:
             # Seed the augmentation by (seed, epoch, index) without touching the caller's RNG.
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
                 image = self.transform(image)
-        return image, tuple(bad)
+        return image, bad
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -323,10 +339,19 @@ class ImageFolderDataset(Dataset):
         return self._decoders[key](images)
 
 
-def collate_images(batch: Sequence[Tuple[torch.Tensor, tuple]]):
-    """Stack the images (or gather encoded ones); concatenate the (path, reason) of bad files met while loading."""
+def collate_images(batch: Sequence[Tuple[Any, tuple]]):
+    """Stack the images (or gather encoded ones); concatenate the (path, reason) of bad files met while loading.
+
+    Items that are neither tensors nor encoded images (fine-tuning's (image, label) pairs) are collated as
+    torch's DataLoader collates them by default.
+    """
     items = [item[0] for item in batch]
-    images = torch.stack(items) if all(torch.is_tensor(x) for x in items) else EncodedBatch.collate(items)
+    if all(torch.is_tensor(x) for x in items):
+        images = torch.stack(items)
+    elif all(torch.is_tensor(x) or isinstance(x, EncodedImage) for x in items):  # decode='gpu': JPEGs encoded
+        images = EncodedBatch.collate(items)
+    else:
+        images = default_collate(items)
     bad = [b for item in batch for b in item[1]]
     return images, bad
 

@@ -74,6 +74,21 @@ class ImageFormatError(DataError):
     """A file that cannot be used as an image of this data set; the message names the file."""
 
 
+class UnreadableImageError(DataError):
+    """An image file that could not be read where no other file may stand in for it (evaluation), or too many in
+    a row; the message names the file.
+
+    torch's DataLoader re-raises an error of a worker as `type(error)(text)`, the text being a header and the
+    worker's whole traceback; the message is taken back from its last line, so that it stays one line.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What a file's header says: size, stored channels, sample dtype, and how to read it.

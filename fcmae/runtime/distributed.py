@@ -211,6 +211,17 @@ def first_error(error: Optional[BaseException]) -> Optional[Tuple[int, BaseExcep
     return None
 
 
+def raise_first_error(error: Optional[BaseException]) -> None:
+    """Raise on every rank the error of the lowest rank that met one (its message prefixed with that rank when
+    several run); nothing when none did. A collective like `first_error`: a rank that fails alone in a loop over
+    its shard calls it instead of raising, so that the others do not wait for it in their next collective. The
+    error's type must take its message as its one argument."""
+    found = first_error(error)
+    if found is not None:
+        rank, found_error = found
+        raise type(found_error)(f"rank {rank}: {found_error}") if get_world_size() > 1 else found_error
+
+
 def cleanup() -> None:
     """Destroy the process group if one was created, unless an error is on its way out.
 
