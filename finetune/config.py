@@ -50,6 +50,7 @@ class FinetuneConfig(TrainConfig):
     demo_crop_size: int = setting(1)
     demo_train_per_photo: int = setting(1)
     demo_val_per_photo: int = setting(1)
+    max_bad_fraction: float = setting(0.0, 1.0, high_open=True)
     aa: Optional[str]
     color_jitter: Optional[float] = setting(0.0)
     reprob: float = setting(0.0, 1.0)

@@ -22,13 +22,21 @@ for evaluation (no RandAugment or colour jitter, which are defined for
 file is opened once; with the tensor training transform only its random
 crop is read (.npy and uncompressed TIFF: from a memory map) and converted
 to float, as in pre-training.
+
+Unreadable files (truncated, corrupt, or of another format than the
+folder's): the training set (`skip_unreadable=True`) replaces one by the
+next readable file, with that file's label, and reports it as pre-training
+does (fcmae/data.py `first_readable`; items are ((image, label), bad),
+collated by `collate_images`, and the training loop feeds `bad` to a
+`BadImageTracker`). Evaluation sets never substitute a file (that would bias
+the accuracy): an unreadable one is an UnreadableImageError naming it.
 """
 
 import os
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import Any, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,9 +44,12 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from fcmae.data import (
-    IMAGENET_MEAN, IMAGENET_STD, DataError, TensorEvalTransform, check_in_chans, list_images, sample_crop, sample_seed,
+    IMAGENET_MEAN, IMAGENET_STD, DataError, TensorEvalTransform, check_in_chans, first_readable, list_images,
+    sample_crop, sample_seed, unreadable_reason,
 )
-from fcmae.image_io import ImageFile, ImageFormatError, array_crop, check_folder
+from fcmae.image_io import (
+    UNREADABLE_IMAGE_ERRORS, ImageFile, ImageFormatError, UnreadableImageError, array_crop, check_folder,
+)
 
 PathLike = Union[str, os.PathLike]
 
@@ -77,20 +88,27 @@ class LabelledFolder(Dataset):
 
     Carries the data's format: `in_chans`, `dtype`, `bit_depth`, and `uses_pil` (True: 8-bit RGB data,
     given to `transform` as a Pillow image; False: a float (C, H, W) tensor in [0, 1]).
+
+    With `skip_unreadable` (the training set) item i is ((image, class index), bad): an unreadable file is
+    replaced by the next readable one (up to `max_retries` in a row) and bad holds the (path, reason) of the
+    files skipped (see the module docstring); without it an unreadable file is an UnreadableImageError.
     """
 
     def __init__(self, root: PathLike, classes: List[str], transform=None, seed: int = 0, *, in_chans: int = 3,
-                 layout: str = "auto", check_files: int = 1000):
+                 layout: str = "auto", check_files: int = 1000, skip_unreadable: bool = False,
+                 max_retries: int = 20):
         self.root = Path(root)
         self.classes = list(classes)
         self.samples: List[Tuple[Path, int]] = [(path, label) for label, name in enumerate(self.classes)
                                                 for path in list_images(self.root / name)]
+        self.files = [path for path, _ in self.samples]
         self.transform = transform
         self.seed, self.epoch = seed, 0
+        self.skip_unreadable, self.max_retries = skip_unreadable, max_retries
         self.in_chans, self.layout = check_in_chans(in_chans), layout
         if self.samples:
             try:
-                infos = check_folder([p for p, _ in self.samples], self.in_chans, layout, check_files, str(self.root))
+                infos = check_folder(self.files, self.in_chans, layout, check_files, str(self.root))
             except ImageFormatError as e:
                 raise DataError(str(e)) from None
             self.dtype = infos[0].dtype
@@ -119,19 +137,47 @@ class LabelledFolder(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int):
-        label, seed = self.samples[index][1], sample_seed(self.seed, self.epoch, index)
-        with self.open(index) as file:  # one open per sample
+        seed = sample_seed(self.seed, self.epoch, index)  # the sample's, whichever file stands in for it
+
+        def read(i: int) -> Tuple[Any, int]:
+            return self._read(i, seed), self.samples[i][1]
+
+        if self.skip_unreadable:
+            (image, label), bad = first_readable(index, self.files, read, self.max_retries, self.root)
+            return (self._transform(image, seed), label), bad
+        try:
+            image, label = read(index)
+        except UNREADABLE_IMAGE_ERRORS as e:
+            raise UnreadableImageError(
+                f"unreadable image {self.samples[index][0]} ({unreadable_reason(e)}); evaluation does not skip "
+                "files (another image in its place would bias the accuracy): fix or remove it") from None
+        return self._transform(image, seed), label
+
+    def _read(self, index: int, seed: int):
+        """File `index` as a Pillow image or a float tensor, or already transformed (`Transformed`) by a tensor
+        training transform, which reads and converts only its crop. One open per sample."""
+        with self.open(index) as file:
             if self.uses_pil:
-                image = file.read_pil(self.in_chans)
-            elif isinstance(self.transform, TensorTrainTransform):  # reads and converts only its crop
+                return file.read_pil(self.in_chans)
+            if isinstance(self.transform, TensorTrainTransform):
                 with seeded_rngs(seed):
-                    return self.transform.from_file(file, self.in_chans), label
-            else:
-                image = file.read_unit(self.in_chans)
-        if self.transform is not None:
-            with seeded_rngs(seed):
-                image = self.transform(image)
-        return image, label
+                    return Transformed(self.transform.from_file(file, self.in_chans))
+            return file.read_unit(self.in_chans)
+
+    def _transform(self, image, seed: int):
+        if isinstance(image, Transformed):
+            return image.tensor
+        if self.transform is None:
+            return image
+        with seeded_rngs(seed):
+            return self.transform(image)
+
+
+class Transformed:
+    """A sample that its transform already made (while its file was open)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
 
 
 @contextmanager

@@ -8,29 +8,27 @@ from typing import Dict
 
 import torch
 
+from fcmae.image_io import UnreadableImageError
 from fcmae.runtime import distributed
 from fcmae.runtime.device import autocast_context
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "off") -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole (sharded) validation set."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole (sharded) validation set.
+
+    An unreadable image (finetune/data.py) stops every process with its name.
+    """
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
     count = 0
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast_context(device, amp):
-            logits = model(images)
-        logits = logits.float()
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
-        sums += torch.stack([
-            torch.nn.functional.cross_entropy(logits, targets, reduction="sum"),
-            hits[:, 0].sum(),
-            hits.any(dim=1).sum(),
-        ]).double()
-        count += len(targets)
+    error = None
+    try:
+        for images, targets in loader:
+            count += _evaluate_batch(model, images, targets, device, amp, sums)
+    except UnreadableImageError as e:  # met by this rank alone: the others must not wait for it below
+        error = e
+    distributed.raise_first_error(error)
     sums = torch.cat([sums, sums.new_tensor([count])])
     if distributed.is_dist():
         if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
@@ -39,3 +37,20 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
     loss, top1, top5, count = sums.tolist()
     count = max(count, 1.0)
     return {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss / count, "count": int(count)}
+
+
+def _evaluate_batch(model: torch.nn.Module, images, targets, device: torch.device, amp: str,
+                    sums: torch.Tensor) -> int:
+    """Adds the batch's loss sum, top-1 and top-5 hits to `sums`; returns its size."""
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    with autocast_context(device, amp):
+        logits = model(images)
+    logits = logits.float()
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+    sums += torch.stack([
+        torch.nn.functional.cross_entropy(logits, targets, reduction="sum"),
+        hits[:, 0].sum(),
+        hits.any(dim=1).sum(),
+    ]).double()
+    return len(targets)

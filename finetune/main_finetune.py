@@ -18,7 +18,10 @@ well (--model, --finetune, --nb_classes, --layer_decay, --layer_decay_type,
 --eval evaluates only (top-1 / top-5 on val/): the checkpoint given by
 --resume, else the newest in output_dir, else CHECKPOINT. Checkpoints,
 auto-resume, pre-emption (SIGTERM / SIGUSR1), progress lines, TensorBoard and
-log.jsonl work as in pre-training.
+log.jsonl work as in pre-training, and so do unreadable training images
+(skipped, each logged once, the run stops when more than max_bad_fraction
+are bad); an unreadable validation image stops with its name (another image
+in its place would bias the accuracy).
 
 Own data (README "Your own data"): in_chans (must match the weights' stem),
 layout (.npy), mean/std: the config's lists; else the values stored in the
@@ -38,7 +41,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from torch.utils.data import DataLoader
 
 import sparse
-from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, DataError
+from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, collate_images
 from fcmae.data_stats import resolve_mean_std, saved_mean_std
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, lock, resume_check
@@ -61,8 +64,9 @@ from finetune.optim import build_optimizer
 MODEL_KEYS = ("size", "depths", "dims", "num_classes", "in_chans")
 # Settings whose change on resume is taken as given (all others stop; see fcmae/runtime/resume_check.py):
 # those of both commands, and the pre-trained weights, the recipe's name and the head's initial scale (used
-# only at the start), what is evaluated each epoch, and --eval.
-HARMLESS = resume_check.HARMLESS + ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval")
+# only at the start), what is evaluated each epoch, --eval, and bad-image tolerance.
+HARMLESS = resume_check.HARMLESS + ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval",
+                                    "max_bad_fraction")
 # The values of the data settings that checkpoints written before they existed were trained with.
 OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "auto"}
 
@@ -144,7 +148,8 @@ def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] 
 def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: Optional[Dict[str, Any]] = None,
                  pretrained: Optional[Dict[str, Any]] = None):
     """(cfg with the resolved mean/std, train set, val set), formats checked, transforms set (see `normalisation`)."""
-    train = ftdata.LabelledFolder(root / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout)
+    train = ftdata.LabelledFolder(root / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout,
+                                  skip_unreadable=True)
     val = ftdata.LabelledFolder(root / "val", classes, in_chans=cfg.in_chans, layout=cfg.layout)
     if val.dtype != train.dtype:
         raise DataError(f"{root / 'train'} holds {train.bit_depth}-bit images ({train.dtype}) but {root / 'val'} "
@@ -289,9 +294,15 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     best = {"acc1": 0.0}
     mixup = ftdata.make_mixup(cfg.to_dict(), num_classes)
     criterion = ftdata.make_criterion(cfg.to_dict(), mixup)
+    bad_images = BadImageTracker(len(train_set), cfg.max_bad_fraction, logger=lambda m: log(m, main_only=False))
 
     def loss_fn(model, batch):
-        images, targets = batch
+        (images, targets), bad = batch
+        if bad:
+            try:
+                bad_images.update(bad)
+            except DataError as e:  # this rank alone may see them: every rank stops at the next check
+                trainer.fail_at_next_check(e)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
@@ -338,7 +349,7 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
             f"{metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%"
             + (f", EMA top-1 {summary['ema_acc1']:.2f}%" if "ema_acc1" in summary else ""))
 
-    loader = train_loader(train_set, plan, cfg.num_workers, cfg.seed, info)
+    loader = train_loader(train_set, plan, cfg.num_workers, cfg.seed, info, collate_fn=collate_images)
     log(f"training: {len(train_set)} images in {num_classes} classes, {plan.iters_per_epoch} iterations/epoch, "
         f"validation on {len(val_set)} images, output in {out}"
         + (f"; torch.compile ({cfg.compile_backend}) for training, eager validation" if compile_fn else ""))

@@ -1,5 +1,6 @@
 """Fine-tuning: recipes and flags, layer decay, loading pre-trained weights, evaluation, bad input."""
 
+import json
 import re
 
 import numpy as np
@@ -251,6 +252,63 @@ def test_bad_input_is_a_clear_error_before_training(tmp_path, capsys, case, mess
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
+# ---------------------------------------------------------------- unreadable images
+def truncate_copy(source, target):
+    """`target`: the first third of `source`'s bytes (a truncated image file)."""
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 3])
+
+
+def tiny_finetune(data, out, *extra):
+    """A one-epoch fine-tuning of the tiny model on `data` into `out` (32-pixel crops, batches of 2)."""
+    return ["atto", "none", "--data_path", str(data), "--output_dir", str(out), *TINY, "--device", "cpu",
+            "--num_workers", "0", "--input_size", "32", "--batch_size", "2", "--effective_batch", "2", "--epochs",
+            "1", "--warmup_epochs", "0", "--model_ema", "false", "--print_every", "1", *extra]
+
+
+def run_finetune(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ft.main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_unreadable_training_image_is_skipped_and_logged_once_then_too_many_stop(tmp_path, capsys):
+    """An unreadable training image crashed fine-tuning mid-epoch; now it is skipped as in pre-training."""
+    data = make_folder(tmp_path / "data", per_class=3)
+    Image.open(data / "train" / "b" / "0.png").save(tmp_path / "whole.jpg")
+    truncate_copy(tmp_path / "whole.jpg", data / "train" / "b" / "1b_truncated.jpg")
+    # 10 training images, 1 bad, at most 10% (1) allowed: skipped, logged once, the epoch trains all its steps.
+    code, out, err = run_finetune(tiny_finetune(data, tmp_path / "o1", "--max_bad_fraction", "0.1"), capsys)
+    assert code == 0, err
+    assert out.count("skipping unreadable image") == 1 and "1b_truncated.jpg (OSError" in out
+    epochs = [r for r in map(json.loads, (tmp_path / "o1" / "log.jsonl").read_text().splitlines())
+              if r.get("type") == "epoch"]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 5)]  # 10 images in batches of 2
+    # None allowed: one line naming the file and the setting, exit 2, no checkpoint.
+    code, out, err = run_finetune(tiny_finetune(data, tmp_path / "o2", "--max_bad_fraction", "0"), capsys)
+    assert code == 2 and err.startswith("fcmae-finetune: error: 1 of 10 images are unreadable"), err
+    assert "max_bad_fraction" in err and "1b_truncated.jpg" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o2" / "checkpoint-last.pth").exists()
+
+
+def test_unreadable_validation_image_is_a_one_line_error_naming_it(tmp_path, capsys):
+    """Validation never replaces an image (that would bias the accuracy): an unreadable one is one line naming it,
+    at the end of a training epoch and with --eval, not a traceback."""
+    data = make_folder(tmp_path / "data")
+    bad = data / "val" / "c" / "2_truncated.png"
+    truncate_copy(data / "val" / "c" / "0.png", bad)
+    code, out, err = run_finetune(tiny_finetune(data, tmp_path / "o1"), capsys)
+    assert code == 2 and err.startswith(f"fcmae-finetune: error: unreadable image {bad} ("), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # --eval of a checkpoint (saved when the run stopped after its first step).
+    assert run_finetune(tiny_finetune(data, tmp_path / "o2", "--exit_after_steps", "1"), capsys)[0] == 0
+    code, out, err = run_finetune(tiny_finetune(data, tmp_path / "o2", "--eval", "true"), capsys)
+    assert code == 2 and err.startswith(f"fcmae-finetune: error: unreadable image {bad} ("), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_randaugment_posterize_at_top_magnitude_works_with_this_pillow():

@@ -106,3 +106,45 @@ def test_each_sample_opens_its_file_once_and_the_train_crop_equals_the_whole_ima
                     with ftdata.seeded_rngs(sample_seed(4, data.epoch, index)):
                         box, _ = sample_crop(*wholes[path.name].shape[1:], transform.scale)
                     assert converted == [(1, box[2], box[3])], (path.name, converted, box)  # the crop only
+
+
+def test_an_unreadable_file_is_replaced_in_training_and_named_in_evaluation(tmp_path):
+    """Fine-tuning's training set skips an unreadable file as pre-training does (the next readable file, with its
+    own label, augmented as the sample would be); evaluation sets name it, also through a loader worker."""
+    from torch.utils.data import DataLoader
+
+    from fcmae.data import collate_images, sample_seed
+    from fcmae.image_io import UnreadableImageError
+
+    rng = np.random.default_rng(0)
+    for label, count in (("a", 3), ("b", 1)):
+        (tmp_path / label).mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    whole = (tmp_path / "b" / "0.png").read_bytes()
+    bad = tmp_path / "b" / "1_bad.png"  # sample 4, the last: its stand-in is sample 0 (wrapping), of class a
+    bad.write_bytes(whole[: len(whole) // 3])
+    transform = ftdata.train_transform({**CFG, "aa": "rand-m9-mstd0.5-inc1", "color_jitter": None})
+    train = ftdata.LabelledFolder(tmp_path, ["a", "b"], transform, seed=3, skip_unreadable=True)
+    plain = ftdata.LabelledFolder(tmp_path, ["a", "b"], transform, seed=3)
+    train.set_epoch(2), plain.set_epoch(2)
+    for index in range(4):  # readable files: the same samples as without skipping
+        (x, label), skipped = train[index]
+        assert skipped == () and label == plain[index][1] and torch.equal(x, plain[index][0])
+    (x, label), skipped = train[4]
+    assert label == 0 and [path for path, _ in skipped] == [str(bad)] and skipped[0][1].startswith("OSError")
+    with ftdata.seeded_rngs(sample_seed(3, 2, 4)):
+        assert torch.equal(x, transform(Image.open(tmp_path / "a" / "0.png").convert("RGB")))
+    (images, labels), found = next(iter(DataLoader(train, batch_size=5, collate_fn=collate_images)))
+    assert images.shape == (5, 3, 32, 32) and labels.tolist() == [0, 0, 0, 1, 0] and found == list(skipped)
+
+    plain.transform = ftdata.eval_transform(CFG)
+    with pytest.raises(UnreadableImageError) as in_process:
+        plain[4]
+    message = str(in_process.value)
+    assert message.startswith(f"unreadable image {bad} (OSError") and "\n" not in message
+    # torch re-raises a worker's error with the worker's traceback as its text. (A spawned worker: a forked one
+    # can inherit a lock held by a thread of an earlier test in this process and wait forever.)
+    with pytest.raises(UnreadableImageError) as from_worker:
+        list(DataLoader(plain, batch_size=5, num_workers=1, multiprocessing_context="spawn", timeout=120))
+    assert str(from_worker.value) == message
