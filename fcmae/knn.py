@@ -51,14 +51,22 @@ def extract_features(encode: Encode, loader, device: torch.device, normalize: bo
     `encode` maps an image batch (B, 3, H, W) to the last stage's map
     (B, C, h, w) (timm: `model.forward_features`; FCMAE: `model.encoder`,
     no mask) or to pooled (B, C) features; maps are averaged over h, w.
+    An unreadable image (finetune/data.py: never replaced by another) stops every process with its name.
     """
-    feats, labels = [], []
-    for images, targets in loader:
-        out = encode(images.to(device, non_blocking=True)).float()
-        if out.dim() == 4:
-            out = out.mean(dim=(2, 3))
-        feats.append(F.normalize(out, dim=1) if normalize else out)
-        labels.append(torch.as_tensor(targets, device=device))
+    from fcmae.image_io import UnreadableImageError
+    from fcmae.runtime.distributed import raise_first_error
+
+    feats, labels, error = [], [], None
+    try:
+        for images, targets in loader:
+            out = encode(images.to(device, non_blocking=True)).float()
+            if out.dim() == 4:
+                out = out.mean(dim=(2, 3))
+            feats.append(F.normalize(out, dim=1) if normalize else out)
+            labels.append(torch.as_tensor(targets, device=device))
+    except UnreadableImageError as e:  # met by this rank alone: the others must not wait for it in a collective
+        error = e
+    raise_first_error(error)
     if not feats:
         return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat(feats), torch.cat(labels).long()

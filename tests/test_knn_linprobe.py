@@ -141,13 +141,14 @@ def test_checkpoint_weights_are_used(tmp_path, capsys, monkeypatch):
     ("one_class", "need at least 2"),
     ("other_size", "size mismatch"),
     ("missing_file", "checkpoint not found"),
+    ("unreadable", "unreadable image"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, message):
     check_bad_input(tmp_path, capsys, case, message, knn.main)
 
 
 @pytest.mark.parametrize("case, message", [("mismatch", "the classes of train/ and val/ differ"),
-                                           ("other_size", "size mismatch")])
+                                           ("other_size", "size mismatch"), ("unreadable", "unreadable image")])
 def test_linprobe_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, message):
     check_bad_input(tmp_path, capsys, case, message, linprobe.main)
 
@@ -178,6 +179,11 @@ def check_bad_input(tmp_path, capsys, case, message, main):
     elif case == "missing_file":
         make_folder(data, per_class=(1, 1))
         ckpt = str(tmp_path / "nothing.pth")
+    elif case == "unreadable":  # never replaced by another file in evaluation: an error naming it
+        make_folder(data, per_class=(1, 1))
+        good = (data / "val" / "red" / "0.png").read_bytes()
+        (data / "val" / "red" / "1_truncated.png").write_bytes(good[: len(good) // 3])
+        message = f"unreadable image {data / 'val' / 'red' / '1_truncated.png'}"
     code, out, err = run_main(main, [ckpt, "--data_path", str(data), *extra, *RUN], capsys)
     assert code == 2
     assert message in err and err.startswith(("fcmae-knn: error:", "fcmae-linprobe: error:"))
