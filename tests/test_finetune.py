@@ -311,6 +311,27 @@ def test_unreadable_validation_image_is_a_one_line_error_naming_it(tmp_path, cap
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_failed_evaluation_keeps_the_epochs_training_and_the_run_resumes_exactly(tmp_path, capsys):
+    """An unreadable validation image stops the run after the epoch's training: that training is saved (as a
+    stop in the epoch's last iteration would be), and once the image is fixed the same command evaluates the
+    epoch and goes on to the same weights as a run that never failed."""
+    data = make_folder(tmp_path / "data")
+    bad = data / "val" / "c" / "2_truncated.png"
+    truncate_copy(data / "val" / "c" / "0.png", bad)
+    two_epochs = ("--epochs", "2", "--save_ckpt_freq", "1")
+    code, out, err = run_finetune(tiny_finetune(data, tmp_path / "o1", *two_epochs), capsys)
+    assert code == 2 and "unreadable image" in err and "epoch 1's training is saved" in out
+    saved = torch.load(tmp_path / "o1" / "checkpoint-last.pth", weights_only=True)
+    assert saved["run_state"]["epoch"] == 0 and saved["step"] == 3  # 6 images in batches of 2, not evaluated
+    bad.write_bytes((data / "val" / "c" / "0.png").read_bytes())
+    assert run_finetune(tiny_finetune(data, tmp_path / "o1", *two_epochs), capsys)[0] == 0
+    assert run_finetune(tiny_finetune(data, tmp_path / "o2", *two_epochs), capsys)[0] == 0
+    resumed, clean = (torch.load(tmp_path / o / "checkpoint-last.pth", weights_only=True) for o in ("o1", "o2"))
+    assert resumed["step"] == clean["step"] == 6
+    for key, value in clean["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
 def test_randaugment_posterize_at_top_magnitude_works_with_this_pillow():
     from timm.data.auto_augment import AugmentOp
 

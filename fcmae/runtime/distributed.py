@@ -219,7 +219,9 @@ def raise_first_error(error: Optional[BaseException]) -> None:
     found = first_error(error)
     if found is not None:
         rank, found_error = found
-        raise type(found_error)(f"rank {rank}: {found_error}") if get_world_size() > 1 else found_error
+        agreed = type(found_error)(f"rank {rank}: {found_error}") if get_world_size() > 1 else found_error
+        agreed.raised_on_every_rank = True  # the Trainer may then save on every rank before it leaves
+        raise agreed
 
 
 def cleanup() -> None:

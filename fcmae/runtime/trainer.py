@@ -21,7 +21,9 @@ loss sums of the boundary are kept for this), so the checkpoint is written
 at once, not `update_freq` iterations later. A stop in an epoch's last
 iteration is saved before the epoch's evaluation (`end_epoch`), which the
 resumed run then does. The process then exits 0; under SLURM with
-`--requeue`, rank 0 first requeues the job (fcmae/runtime/slurm.py).
+`--requeue`, rank 0 first requeues the job (fcmae/runtime/slurm.py). An
+evaluation that fails (an unreadable validation image) saves the same
+checkpoint before the error leaves (`_end_epoch`).
 
 `should_stop` is the one place where the processes agree on stopping (one
 all-reduce per iteration with several processes; with one, a flag read per
@@ -294,7 +296,7 @@ class Trainer:
                     self._stop_and_save()
                     return False
                 local = self.state.epoch_loss_sum / max(self.state.epoch_loss_count, 1)
-                end_epoch(distributed.all_reduce_mean(local, self._reduce_device()))
+                self._end_epoch(end_epoch, distributed.all_reduce_mean(local, self._reduce_device()))
                 self.state.epoch += 1
                 self.state.iteration = 0
                 self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
@@ -357,6 +359,31 @@ class Trainer:
         self._unchecked = []  # losses of the dropped iterations (single process: not yet checked)
         ckpt.set_rng_state(rng)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _end_epoch(self, end_epoch: Callable[[float], None], mean_loss: float) -> None:
+        """`end_epoch`; should it fail (an unreadable validation image), the epoch's training is saved first.
+
+        The checkpoint is the one a stop in the epoch's last iteration writes
+        (RNG state included, as it was before `end_epoch`), so a run started
+        again evaluates the epoch and goes on exactly as if nothing had
+        failed. With several processes this needs the error on every rank
+        (`distributed.raise_first_error`); any other error leaves at once.
+        """
+        rng = ckpt.rng_state()
+        try:
+            end_epoch(mean_loss)
+        except Exception as e:
+            if self.info.world_size > 1 and not getattr(e, "raised_on_every_rank", False):
+                raise
+            ckpt.set_rng_state(rng)
+            try:
+                self.save()
+            except Exception as save_error:  # the first error is the one to report
+                log(f"could not save the epoch's training before stopping: {save_error}", main_only=False)
+                raise e from None
+            log(f"epoch {self.state.epoch + 1}'s training is saved in {self.output_dir}, not its evaluation; run "
+                "the same command again, once the error below is fixed, to evaluate it and go on")
+            raise
 
     def _stop_and_save(self) -> None:
         """Save the stopped run (every rank), say so, and under SLURM let rank 0 requeue the job."""
