@@ -108,7 +108,7 @@ class FCMAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         for part in (self.proj, self.decoder, self.pred):
             part.apply(self._init_weights)
-        if init_std != 0.02:  # 1.0: the reference release's init (RECIPES.md)
+        if init_std != 0.02:  # 1.0: the reference release's init (docs/PUBLISHED_SETTINGS.md)
             for name, param in self.named_parameters():
                 if _REFERENCE_INIT.match(name):
                     trunc_normal_(param, std=init_std)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from fcmae.runtime.device import adamw_fused
 
-# Parameters the reference release decays although they are not weight matrices (see RECIPES.md).
+# Parameters the reference release decays although they are not weight matrices (see docs/PUBLISHED_SETTINGS.md).
 REFERENCE_DECAYED = ("grn.weight", "grn.bias", "mask_token")
 
 

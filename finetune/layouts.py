@@ -3,7 +3,7 @@ MinkowskiEngine), timm's and the sparse encoder's, and the mappings between them
 
 Everything goes through the timm naming, which is also the sparse encoder's
 (sparse/encoder.py). Formats are detected and checked in finetune/conversion.py;
-RECIPES.md describes the reference layouts.
+docs/PUBLISHED_SETTINGS.md describes the reference layouts.
 """
 
 import re

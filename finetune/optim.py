@@ -1,6 +1,6 @@
 """AdamW with layer-wise learning-rate decay for ConvNeXt V2 (timm parameter names).
 
-Layer ids (RECIPES.md), the head last; a parameter of layer id i gets
+Layer ids (docs/PUBLISHED_SETTINGS.md), the head last; a parameter of layer id i gets
 lr * layer_decay ** (head_id - i):
 
 - 'single': every block is its own layer; the downsample layer in front of

@@ -23,7 +23,7 @@ from tests.helpers import TINY_ARGS as TINY
 
 
 # ---------------------------------------------------------------- recipes and flags
-PUBLISHED = {  # RECIPES.md: blr, epochs, warmup, layer decay, wd, drop path, mixup, cutmix, smoothing
+PUBLISHED = {  # docs/PUBLISHED_SETTINGS.md: blr, epochs, warmup, layer decay, wd, drop path, mixup, cutmix, smoothing
     "atto": (2e-4, 600, 0, "single", 0.9, 0.3, 0.1, 0.0, 0.0, 0.2),
     "tiny": (8e-4, 300, 40, "single", 0.9, 0.05, 0.2, 0.8, 1.0, 0.1),
     "base": (6.25e-4, 100, 20, "group", 0.6, 0.05, 0.1, 0.8, 1.0, 0.1),
