@@ -214,11 +214,6 @@ class ImageFolderDataset(Dataset):
         (ImageFormatError names the file)."""
         return ImageFile(self.files[index], self.layout, self.in_chans, self.dtype)
 
-    def info(self, index: int) -> ImageInfo:
-        """Header of file `index`, checked against the data set's format (ImageFormatError names the file)."""
-        with self.open(index) as image:
-            return image.info
-
     def __len__(self) -> int:
         return len(self.files)
 
@@ -395,6 +390,15 @@ class BadImageTracker:
     @property
     def limit(self) -> int:
         return int(math.floor(self.max_fraction * self.dataset_size))
+
+    def report(self, bad: Sequence[Tuple[str, str]], fail: Callable[[Exception], None]) -> None:
+        """`update`, but too many bad files go to `fail` (Trainer.fail_at_next_check) instead of raising:
+        this rank alone may see them, so every rank stops together at the next check."""
+        if bad:
+            try:
+                self.update(bad)
+            except DataError as e:
+                fail(e)
 
     def update(self, bad: Sequence[Tuple[str, str]]) -> None:
         for path, reason in bad:

@@ -31,7 +31,9 @@ dtype. The only conversion is the photograph convention: with
 `in_chans` 3 and 8-bit data, Pillow images of any mode (grey, palette,
 RGBA, CMYK) are converted to RGB, as torchvision's folder loader does, so
 ImageNet's few greyscale and CMYK JPEGs still load. Anything else that
-differs is an error naming the file (`check_compatible`).
+differs is an error naming the file (`check_compatible`): before training
+when the header check sees it, else skipped and reported in training like
+an unreadable file.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ class ImageFile:
             from torchvision.io import ImageReadMode, decode_png
 
             self.file.seek(0)
-            data = torch.frombuffer(bytearray(self.file.read()), dtype=torch.uint8)
+            data = torch.from_numpy(np.fromfile(self.file, dtype=np.uint8))  # the file's bytes, copied once
             pixels = decode_png(data, ImageReadMode.UNCHANGED)  # (C, H, W) torch.uint16
             stored = pixels.view(torch.int16).numpy().view(np.uint16)
         else:

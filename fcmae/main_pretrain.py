@@ -219,11 +219,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
 
     def loss_fn(model, batch):
         imgs, bad = batch
-        if bad:
-            try:
-                bad_images.update(bad)
-            except DataError as e:  # this rank alone may see them: every rank stops at the next check
-                trainer.fail_at_next_check(e)
+        bad_images.report(bad, trainer.fail_at_next_check)
         loss, _, _ = model(dataset.to_device(imgs, device))
         return loss
 
@@ -243,12 +239,14 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         log(precision_note(device, cfg.amp))
 
     def end_epoch(epoch_loss: float) -> None:
+        # The kNN evaluation first: should it fail, nothing of the epoch's summary is written yet (the
+        # Trainer saves the epoch's training and the run, started again, evaluates and writes it once).
+        knn_text = "" if knn_monitor is None else knn_monitor.end_epoch(
+            model, state.epoch + 1, cfg.epochs, state.step, trainer.jsonl, trainer.tb)
         summary = {"epoch": state.epoch + 1, "loss": epoch_loss, "step": state.step}
         state.history.append(summary)
         trainer.jsonl.write({"type": "epoch", **summary})
         trainer.tb.scalars({"epoch_loss": epoch_loss}, state.step, prefix="train/")
-        knn_text = "" if knn_monitor is None else knn_monitor.end_epoch(
-            model, state.epoch + 1, cfg.epochs, state.step, trainer.jsonl, trainer.tb)
         log(f"epoch {state.epoch + 1}/{cfg.epochs} done: mean loss {epoch_loss:.4f}{knn_text}")
         if fixed_imgs is not None:
             _save_reconstruction(model, fixed_imgs, cfg, device, state.step, trainer.tb, out)

@@ -121,10 +121,6 @@ class LabelledFolder(Dataset):
         """Image `index`, opened once (a context manager), its header checked against the data's format."""
         return ImageFile(self.samples[index][0], self.layout, self.in_chans, self.dtype)
 
-    def info(self, index: int):
-        with self.open(index) as image:
-            return image.info
-
     def load_unit(self, index: int) -> torch.Tensor:
         """Image `index` as a float32 (in_chans, H, W) tensor in [0, 1] (for channel statistics)."""
         with self.open(index) as image:

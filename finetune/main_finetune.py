@@ -298,11 +298,7 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
 
     def loss_fn(model, batch):
         (images, targets), bad = batch
-        if bad:
-            try:
-                bad_images.update(bad)
-            except DataError as e:  # this rank alone may see them: every rank stops at the next check
-                trainer.fail_at_next_check(e)
+        bad_images.report(bad, trainer.fail_at_next_check)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)

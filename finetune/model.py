@@ -70,8 +70,6 @@ def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") ->
     depths, dims = model.arch
     conv_mlp = uses_conv_mlp(size_of(depths, dims))
     if isinstance(checkpoint, Conversion):
-        if checkpoint.conv_mlp != conv_mlp:
-            raise ValueError(f"the conversion was made with conv_mlp={checkpoint.conv_mlp}, the model needs {conv_mlp}")
         conversion = checkpoint
     else:
         try:

@@ -18,6 +18,7 @@ numpy reconstruction functions that torch documents as safe for
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import re
@@ -127,9 +128,7 @@ def write_weights(state_dict: Dict[str, torch.Tensor], path: PathLike, metadata:
     # safetensors refuses tensors that share memory (tied weights, views of one buffer): those are
     # copied; the others are written as they are, so a large model is held at most twice (itself and
     # the bytes safetensors makes).
-    storages = {}
-    for value in state_dict.values():
-        storages[_storage_key(value)] = storages.get(_storage_key(value), 0) + 1
+    storages = collections.Counter(_storage_key(v) for v in state_dict.values())
     tensors = {k: v.detach().clone(memory_format=torch.contiguous_format) if storages[_storage_key(v)] > 1
                else v.detach().contiguous()
                for k, v in state_dict.items()}

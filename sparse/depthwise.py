@@ -246,14 +246,6 @@ def weight_grad_at_patches(sites, x: torch.Tensor, grad_out: torch.Tensor, weigh
     return grad_weight.permute(2, 0, 1).unsqueeze(1)
 
 
-def _padded_maps_last(dense: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, C) map -> (H+6, W+6, N, C) zero-padded, image axis next to the channels."""
-    n, h, w, c = dense.shape
-    padded = dense.new_zeros(h + 2 * HALO, w + 2 * HALO, n, c)
-    padded[HALO:HALO + h, HALO:HALO + w] = dense.permute(1, 2, 0, 3)
-    return padded
-
-
 def _sites_major(index: torch.Tensor, size: int) -> torch.Tensor:
     """A `window_index` reordered from (window, y, x) to (y, x, window)."""
     return index.view(-1, size, size).permute(1, 2, 0).reshape(-1)
@@ -355,8 +347,9 @@ class _DenseDepthwiseConv(torch.autograd.Function):
             # The transpose of a 'same' stride-1 conv is the conv with the flipped kernel.
             grad_x = F.conv2d(grad_out, weight.to(grad_out.dtype).flip(2, 3), padding=HALO, groups=channels)
         if ctx.needs_input_grad[1]:
-            maps = x.to(grad_out.dtype).permute(0, 2, 3, 1)
-            grad_weight = _grouped_weight_grad(_padded_maps_last(maps), grad_out.permute(0, 2, 3, 1), channels)
+            # (H+6, W+6, N, C): the zero-padded maps, image axis next to the channels.
+            padded = F.pad(x.to(grad_out.dtype).permute(2, 3, 0, 1), (0, 0, 0, 0, HALO, HALO, HALO, HALO))
+            grad_weight = _grouped_weight_grad(padded, grad_out.permute(0, 2, 3, 1), channels)
         if ctx.needs_input_grad[2]:  # False when bias is None
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias

@@ -9,8 +9,9 @@ ConvNeXt V2's GRN, per image n and channel c, over the sites s of the image:
 Written with autograd's ops, a GRN over the MLP's 4C-wide hidden features
 costs a dozen passes over that tensor, forward and backward; it was the
 largest element-wise cost of a pre-training step on CPU. The backward below
-needs two reductions (sum_s g * x and sum_s g) and one element-wise pass,
-the forward one reduction (over a squared copy) and one pass, and it saves
+needs two reductions (sum_s g * x, over a product copy, and sum_s g) and two
+element-wise passes, the forward one reduction (over a squared copy) and one
+pass, and it saves
 x and (N, C) statistics for backward.
 
 The gradient, with d = mean_c gx + eps and P[n, c] = sum_s g * x:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import sparse.grn
+
 from fcmae import build_fcmae, patchify, random_mask, unpatchify
 from fcmae.optim import build_optimizer
 from fcmae.masking import check_mask_ratio
@@ -239,6 +241,7 @@ def test_decoder_is_timms_block_with_convs_as_linear_layers(one_thread):
     block = ConvNeXtBlock(32, ls_init_value=None, use_grn=True, conv_mlp=False)
     block.load_state_dict(model.decoder[0].state_dict())  # strict: the same names and shapes
     assert type(model.decoder[0].conv_dw) is not torch.nn.Conv2d  # the faster parts are in place
+    assert isinstance(model.decoder[0].mlp.grn, sparse.grn.GlobalResponseNorm)
     feats = torch.randn(3, 16, 3, 3, requires_grad=True)
     mask = model.random_mask(torch.zeros(3, 3, 96, 96))
     grad_out = torch.randn(3, 9, 3072)

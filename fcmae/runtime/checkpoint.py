@@ -89,10 +89,7 @@ def load_weights_only(path: PathLike, map_location: Union[str, torch.device] = "
     Errors are torch's; the callers turn them into one-line messages.
     """
     mmap = zipfile.is_zipfile(path)  # the legacy format cannot be mapped
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    if safe_globals is None:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    with safe_globals([argparse.Namespace, *allowed]):
+    with torch.serialization.safe_globals([argparse.Namespace, *allowed]):
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 

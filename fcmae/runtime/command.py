@@ -113,10 +113,7 @@ def resume_checkpoint(resume: Optional[str], output_dir) -> Tuple[Optional[Path]
         saved = read_checkpoint(path)
     except UsageError as e:
         error = e
-    found = distributed.first_error(error)
-    if found is not None:
-        rank, error = found
-        raise UsageError(f"rank {rank}: {error}") if distributed.get_world_size() > 1 else error
+    distributed.raise_first_error(error)
     return path, saved
 
 

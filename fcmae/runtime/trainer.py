@@ -366,14 +366,15 @@ class Trainer:
         The checkpoint is the one a stop in the epoch's last iteration writes
         (RNG state included, as it was before `end_epoch`), so a run started
         again evaluates the epoch and goes on exactly as if nothing had
-        failed. With several processes this needs the error on every rank
-        (`distributed.raise_first_error`); any other error leaves at once.
+        failed. Only for an error raised on every rank together
+        (`distributed.raise_first_error`, also with one process); any other
+        error leaves at once.
         """
         rng = ckpt.rng_state()
         try:
             end_epoch(mean_loss)
         except Exception as e:
-            if self.info.world_size > 1 and not getattr(e, "raised_on_every_rank", False):
+            if not getattr(e, "raised_on_every_rank", False):  # a bug, or one rank's error: leave at once
                 raise
             ckpt.set_rng_state(rng)
             try:
