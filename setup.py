@@ -21,19 +21,22 @@ setup(
         "tensorboard>=2.21",
         "pyyaml>=6.0.3",
         "scikit-image>=0.24",  # its bundled photographs are the built-in demo data
+        "Pillow>=13.0.0",  # reads JPEG, PNG and the other 8-bit formats (fcmae/data)
+        "tifffile>=2026.3.3",  # reads .tif/.tiff domain images (fcmae/data/image_io.py)
     ],
     # transformers: the version the Hugging Face export tests ran with; it needs Python >= 3.11, so on
     # older Pythons the test extra leaves it out (those tests then skip, saying why).
     extras_require={"hf": ["transformers>=5.24"],
-                    "test": ["pytest>=8.4", "vermin>=1.9", 'transformers>=5.24; python_version >= "3.11"']},
+                    "test": ["pytest>=8.4", "vermin>=1.9", "ruff>=0.17.6",  # ruff: the lint in .ci/run
+                             'transformers>=5.24; python_version >= "3.11"']},
     entry_points={
         "console_scripts": [
-            "fcmae-pretrain=fcmae.main_pretrain:main",
+            "fcmae-pretrain=fcmae.pretrain.main:main",
             "fcmae-convert=finetune.convert:main",
             "fcmae-finetune=finetune.main_finetune:main",
             "fcmae-knn=finetune.knn:main",
             "fcmae-linprobe=finetune.linprobe:main",
-            "fcmae-env=fcmae.env:main",
+            "fcmae-env=fcmae.tools.env:main",
         ]
     },
 )

@@ -7,8 +7,8 @@ catch early stop signals) does not import torch.
 
 import importlib
 
-_EXPORTS = {"FCMAE": "fcmae.model", "build_fcmae": "fcmae.model", "patchify": "fcmae.masking",
-            "random_mask": "fcmae.masking", "unpatchify": "fcmae.masking"}
+_EXPORTS = {"FCMAE": "fcmae.model", "build_fcmae": "fcmae.model", "patchify": "sparse.masking",
+            "random_mask": "sparse.masking", "unpatchify": "sparse.masking"}
 
 __all__ = ["FCMAE", "build_fcmae", "patchify", "random_mask", "unpatchify"]
 

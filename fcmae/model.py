@@ -9,7 +9,7 @@
       -> loss: MSE to the (per-patch normalised) pixels, over masked patches only
 
 Parameter names follow the reference release (encoder.*, proj, mask_token,
-decoder.<i>, pred), so finetune/convert.py can take the encoder out.
+decoder.<i>, pred), so finetune.convert can take the encoder out.
 """
 
 import inspect
@@ -23,10 +23,10 @@ from timm.layers import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 
 import sparse
-from fcmae.masking import PATCH_SIZE, check_mask_ratio, num_kept, patchify, random_mask, unpatchify
 from sparse.depthwise import DepthwiseConv2d
 from sparse.encoder import is_compiling
 from sparse.grn import GlobalResponseNorm
+from sparse.masking import PATCH_SIZE, check_mask_ratio, num_kept, patchify, random_mask, unpatchify
 
 
 def _patch_statistics(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,8 +57,8 @@ _REFERENCE_INIT = re.compile(r"^(encoder\.stem\.0|encoder\..*\.(conv_dw|mlp\.fc[
 def _decoder_block(dim: int) -> ConvNeXtBlock:
     """timm's ConvNeXt V2 block with two drop-in parts that are faster on CPU (same parameters and names).
 
-    sparse/depthwise.py's DepthwiseConv2d (the depthwise weight gradient as
-    one grouped conv) and sparse/grn.py's GRN (a hand-written backward).
+    sparse.depthwise's DepthwiseConv2d (the depthwise weight gradient as
+    one grouped conv) and sparse.grn's GRN (a hand-written backward).
     """
     block = ConvNeXtBlock(dim, ls_init_value=None, use_grn=True, conv_mlp=False)
     block.conv_dw = DepthwiseConv2d(dim)
@@ -223,7 +223,7 @@ def build_fcmae(size: str, *, backend: str = "torch", in_chans: int = 3, **overr
     """FCMAE around the sparse encoder of `size` (e.g. 'atto' or 'convnextv2_atto').
 
     Args:
-        size: a registered size (sparse/sizes.py).
+        size: a registered size (sparse.sizes).
         backend: the sparse encoder's backend (torch, dense-masked, minkowski).
         in_chans: image channels; the encoder's stem and the prediction layer (p*p*in_chans per patch)
             follow it.

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
-from fcmae.data import MAX_IN_CHANS
-from fcmae.data_stats import MeanStd, check_mean_std_setting, parse_mean_std
-from fcmae.image_io import LAYOUTS
-from fcmae.runtime.command import Flags, check_size, layered_settings, read_command_line
-from fcmae.runtime.config import ConfigError, config_root
+from fcmae.data.folder import MAX_IN_CHANS
+from fcmae.data.image_io import LAYOUTS
+from fcmae.data.stats import MeanStd, check_mean_std_setting, parse_mean_std
+from fcmae.pretrain.config import check_arch, check_size
+from fcmae.runtime.config import Flags, config_root, layered_settings, read_command_line
+from fcmae.runtime.errors import ConfigError
 from fcmae.runtime.settings import TrainConfig, build_config, parse_optional_path, setting
 from finetune.optim import LAYER_DECAY_TYPES
 
@@ -78,6 +79,7 @@ class FinetuneConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_arch(self)
         check_mean_std_setting(self.in_chans, self.mean, self.std)
         if self.finetune is not None and not Path(self.finetune).is_file():
             raise ConfigError(f"checkpoint not found: {self.finetune} (give an FCMAE checkpoint, a file written by "

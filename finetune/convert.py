@@ -6,7 +6,6 @@
 
 Input formats, recognised from the keys (inside a {'model': ...} training
 checkpoint or bare):
-
   fcmae            this project's FCMAE model: encoder.stem.0.weight, ...,
                    proj.*, mask_token, decoder.*, pred.*
   encoder          this project's sparse encoder, or a timm convnextv2
@@ -26,35 +25,26 @@ Output: a timm `convnextv2_<size>` state dict (default), loadable with
 the reference release's dense layout, {'model': state_dict}, as its
 fine-tuning code reads it, or with --format hf a folder (config.json,
 model.safetensors) for `transformers.ConvNextV2Model.from_pretrained`
-(finetune/hf.py). An OUT ending in .safetensors is written in that format.
-Inputs are read by finetune/weights.py: safetensors, or
+(fcmae.weights.hf). An OUT ending in .safetensors is written in that format.
+Inputs are read by fcmae.weights.io: safetensors, or
 torch.load(weights_only=True), so a file that would run code is refused.
 The FCMAE decoder (proj, mask_token, decoder, pred) is dropped and
 reported: fine-tuning does not use it.
 
-The name and layout mappings live in finetune/layouts.py, format detection,
-checks, verification and file output in finetune/conversion.py; this module
+The name and layout mappings live in fcmae.weights.layouts, format detection,
+checks, verification and file output in fcmae.weights.conversion; this module
 is the command, and its names below stay importable from here.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-from finetune.conversion import (FORMATS, OUTPUT_FORMATS, Conversion, build_dense, convert, describe_arch,
-                                 detect_format, expected_shapes, infer_arch, load_weights, output_object, to_timm,
-                                 unwrap, uses_conv_mlp, verify, write_output)
-from finetune.layouts import (DECODER_PREFIXES, DECODER_REASON, ConversionError, StateDict, dense_to_me_kernel,
-                              me_kernel_to_dense, reference_fcmae_to_reference, reference_to_timm, to_encoder,
-                              to_reference, to_reference_fcmae)
-from sparse.minkowski import me_kernel_permutation
+from fcmae.runtime.command import run_cli
+from fcmae.runtime.errors import DiskFullError
+from fcmae.runtime.files import remove_stale_temporaries
+from fcmae.weights.conversion import FORMATS, OUTPUT_FORMATS, describe_arch, load_weights, verify, write_output
+from fcmae.weights.layouts import ConversionError
 from sparse.sizes import check_size
-
-__all__ = [
-    "Conversion", "ConversionError", "FORMATS", "OUTPUT_FORMATS", "convert", "dense_to_me_kernel", "detect_format",
-    "expected_shapes", "infer_arch", "load_weights", "me_kernel_permutation", "me_kernel_to_dense", "to_encoder",
-    "to_reference", "to_reference_fcmae", "to_timm", "verify", "main",
-]
 
 # --verify runs by default below this many encoder parameters (atto .. base: < 90M).
 VERIFY_BY_DEFAULT_MAX_PARAMS = 100_000_000
@@ -64,7 +54,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="fcmae-convert",
         description="Convert an FCMAE / sparse ConvNeXt V2 checkpoint into dense ConvNeXt V2 weights.",
-        epilog="Input formats (detected): " + ", ".join(FORMATS) + ". See finetune/convert.py.")
+        epilog="Input formats (detected): " + ", ".join(FORMATS) + ". See finetune.convert.")
     p.add_argument("input", help="checkpoint or state dict (.pth / .pt)")
     p.add_argument("output", help="file to write (atomically); a name ending in .safetensors is written in "
                                   "that format; with --format hf, a folder")
@@ -82,8 +72,6 @@ def parse_args(argv=None):
 
 
 def run(args) -> int:
-    from fcmae.runtime.files import remove_stale_temporaries
-
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ConversionError("the output would overwrite the input; choose another output path")
     if args.size is not None:
@@ -114,17 +102,9 @@ def run(args) -> int:
 
 def main(argv=None) -> None:
     """Exit codes: 0 written, 2 bad input (usage, a checkpoint that cannot be converted), 4 disk full."""
-    from fcmae.runtime.files import DiskFullError
 
     args = parse_args(argv)
-    try:
-        sys.exit(run(args))
-    except ConversionError as e:
-        print(f"fcmae-convert: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except DiskFullError as e:
-        print(f"fcmae-convert: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(4)
+    run_cli("fcmae-convert", lambda: run(args), (ConversionError, DiskFullError))
 
 
 if __name__ == "__main__":

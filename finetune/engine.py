@@ -1,23 +1,44 @@
-"""Evaluation of a classifier: top-1 / top-5, exact over all processes.
+"""Fine-tuning's step, and the evaluation of a classifier: top-1 / top-5, exact over all processes.
 
-The training loop is shared with pre-training (fcmae/runtime/trainer.py,
-Trainer).
+The training loop is shared with pre-training (fcmae.runtime.trainer.Trainer):
+it runs `ClassificationStep` once per iteration.
 """
 
 from typing import Dict
 
 import torch
 
-from fcmae.image_io import UnreadableImageError
+from fcmae.data.image_io import UnreadableImageError
 from fcmae.runtime import distributed
 from fcmae.runtime.device import autocast_context
+
+
+class ClassificationStep:
+    """(model, (images, targets)) -> the loss of a batch: to the device, Mixup/CutMix, forward, criterion.
+
+    Args:
+        criterion: the loss (soft-target cross-entropy with Mixup, label smoothing, or plain).
+        mixup: timm's Mixup/CutMix, or None.
+        device: the device of this process.
+    """
+
+    def __init__(self, criterion: torch.nn.Module, mixup, device: torch.device):
+        self.criterion, self.mixup, self.device = criterion, mixup, device
+
+    def __call__(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        images, targets = batch
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        return self.criterion(model(images), targets)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "off") -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole (sharded) validation set.
 
-    An unreadable image (finetune/data.py) stops every process with its name.
+    An unreadable image (finetune.data) stops every process with its name.
     """
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits

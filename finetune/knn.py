@@ -11,7 +11,7 @@ val/<class>/ with the same classes.
 The features, the weighted kNN (k nearest training images, votes
 exp(cosine similarity / T), as in DINO) and the distributed evaluation
 (features of each rank's shard, training features gathered on every rank)
-live in fcmae/knn.py, which pre-training's kNN monitor uses as well; this
+live in fcmae.eval.knn, which pre-training's kNN monitor uses as well; this
 module is the command around them (arguments, loading the weights, the
 folder checks), shared with fcmae-linprobe.
 """
@@ -19,19 +19,25 @@ folder checks), shared with fcmae-linprobe.
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
-from fcmae.knn import knn_evaluate, make_loaders
-from fcmae.runtime.command import UsageError
+from fcmae.data import labelled
+from fcmae.data.folder import DataError
+from fcmae.eval.knn import knn_evaluate, make_loaders
+from fcmae.runtime import distributed
+from fcmae.runtime.command import run_cli
+from fcmae.runtime.config import config_root, load_config, parse_value
+from fcmae.runtime.errors import UsageError
+from fcmae.weights.layouts import ConversionError
+from finetune import data as ftdata
+from finetune.model import load_backbone
 
 __all__ = ["add_common_args", "command_parser", "prepare", "main"]
 
 
 # ---------------------------------------------------------------- command line (shared with linprobe)
 def _int_list(text: str) -> List[int]:
-    from fcmae.runtime.config import parse_value
-
     value = parse_value(text)
     if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(isinstance(v, int) for v in value):
         raise argparse.ArgumentTypeError(f"expected four integers like [2, 2, 6, 2], got {text!r}")
@@ -63,9 +69,6 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def data_config(args) -> Dict:
     """Input size, crop and root of the data, from the flags (and configs/finetune/demo.yaml with --demo)."""
-    from pathlib import Path
-
-    from fcmae.runtime.config import config_root, load_config
 
     if args.demo == (args.data_path is not None):
         raise UsageError("give exactly one of --data_path D (with train/<class>/ and val/<class>/) and --demo")
@@ -80,7 +83,6 @@ def data_config(args) -> Dict:
         raise UsageError(f"--input_size must be a positive multiple of 32, got {cfg['input_size']}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-    from finetune import data as ftdata
 
     cfg["root"] = ftdata.demo_root(cfg) if args.demo else Path(args.data_path).expanduser()
     return cfg
@@ -88,12 +90,9 @@ def data_config(args) -> Dict:
 
 def prepare(args):
     """(dist info, frozen model, train loader, val loader, classes) for this rank; bad input fails before compute."""
-    from fcmae.runtime import distributed
-    from finetune import data as ftdata
-    from finetune.model import load_backbone
 
     cfg = data_config(args)
-    classes = ftdata.check_splits(cfg["root"])
+    classes = labelled.check_splits(cfg["root"])
     if len(classes) < 2:
         raise UsageError(f"{cfg['root']} has {len(classes)} class; kNN and linear probing need at least 2")
     model = load_backbone(args.checkpoint, args.size, args.depths, args.dims, seed=args.seed)
@@ -116,19 +115,16 @@ def describe(args, model, classes, cfg, loaders) -> str:
 
 def run_command(prog: str, body, argv=None, build_parser=None) -> None:
     """Parse, run `body(args)`, print bad input as one line (exit 2); shared by fcmae-knn and fcmae-linprobe."""
-    from fcmae.runtime import distributed
-    from fcmae.data import DataError
-    from finetune.convert import ConversionError
 
     args = build_parser().parse_args(argv)
-    try:
-        code = body(args)
-    except (UsageError, DataError, ConversionError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    finally:
-        distributed.cleanup()
-    sys.exit(code)
+
+    def run_and_clean_up() -> int:
+        try:
+            return body(args)
+        finally:
+            distributed.cleanup()
+
+    run_cli(prog, run_and_clean_up, (UsageError, DataError, ConversionError))
 
 
 def build_parser() -> argparse.ArgumentParser:

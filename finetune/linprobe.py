@@ -4,7 +4,7 @@
     python -m finetune.linprobe CKPT --demo
     torchrun --nproc_per_node 8 -m finetune.linprobe CKPT --data_path /path/to/imagenet
 
-CKPT and D as for fcmae-knn (finetune/knn.py). The head is MAE's
+CKPT and D as for fcmae-knn (finetune.knn). The head is MAE's
 (He et al., 2022): BatchNorm1d without affine parameters, then a Linear
 layer (weights drawn with std 0.01, zero bias), on the global-average-pooled
 last stage. The frozen encoder runs once: the features of train/ and val/
@@ -26,10 +26,12 @@ import math
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from fcmae.knn import extract_features, sum_over_ranks
-from finetune.knn import UsageError, command_parser, describe, prepare, run_command
+from fcmae.eval.knn import extract_features, sum_over_ranks
+from fcmae.runtime.errors import UsageError
+from finetune.knn import command_parser, describe, prepare, run_command
 
 __all__ = ["LinearProbe", "train_probe", "evaluate_probe", "main"]
 
@@ -65,7 +67,6 @@ def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epo
         seed: seeds the head's initialisation and the order of rows.
         log: optional callable(epoch, loss, lr) after every epoch.
     """
-    import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)

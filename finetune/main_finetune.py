@@ -23,7 +23,7 @@ log.jsonl work as in pre-training, and so do unreadable training images
 are bad); an unreadable validation image stops with its name (another image
 in its place would bias the accuracy).
 
-Own data (README "Your own data"): in_chans (must match the weights' stem),
+Own data (docs/own-data.md): in_chans (must match the weights' stem),
 layout (.npy), mean/std: the config's lists; else the values stored in the
 checkpoint resumed or evaluated, or (for null) in the pre-training
 checkpoint's config; else ImageNet's for 3-channel 8-bit data and computed
@@ -38,41 +38,45 @@ if __name__ == "__main__":  # first thing: a stop signal during the slow imports
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 import sparse
-from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, collate_images
-from fcmae.data_stats import resolve_mean_std, saved_mean_std
+from fcmae.data import labelled
+from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, collate_images
+from fcmae.data.stats import resolve_mean_std, saved_mean_std
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import distributed, lock, resume_check
-from fcmae.runtime.command import Command, UsageError, read_checkpoint, resume_checkpoint
+from fcmae.runtime import distributed, resume
+from fcmae.runtime.command import TrainSpec
 from fcmae.runtime.config import dump_config
-from fcmae.runtime.device import grad_scaler, model_compiler, precision_note, run_process
-from fcmae.runtime.logs import JsonlLogger, log
-from fcmae.runtime.plan import Plan, PlanError, make_plan, plan_lines
-from fcmae.runtime.signals import ignore_stop_signals
+from fcmae.runtime.device import grad_scaler, model_compiler, precision_note
+from fcmae.runtime.errors import PlanError, UsageError
 from fcmae.runtime.loader import seed_everything, train_loader
+from fcmae.runtime.logs import JsonlLogger, log
+from fcmae.runtime.plan import Plan, make_plan, plan_lines
+from fcmae.runtime.signals import ignore_stop_signals
 from fcmae.runtime.trainer import LoopSettings, Trainer
+from fcmae.weights.layouts import ConversionError
 from finetune import data as ftdata
-from finetune.config import FinetuneConfig, resolve_config as _resolve
-from finetune.convert import ConversionError
-from finetune.engine import evaluate
+from finetune.config import FinetuneConfig
+from finetune.config import resolve_config as _resolve
+from finetune.engine import ClassificationStep, evaluate
 from finetune.model import build_model, load_pretrained, read_pretrained
 from finetune.optim import build_optimizer
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).
 MODEL_KEYS = ("size", "depths", "dims", "num_classes", "in_chans")
-# Settings whose change on resume is taken as given (all others stop; see fcmae/runtime/resume_check.py):
+# Settings whose change on resume is taken as given besides the runtime's (all others stop; fcmae.runtime.resume):
 # those of both commands, and the pre-trained weights, the recipe's name and the head's initial scale (used
 # only at the start), what is evaluated each epoch, --eval, and bad-image tolerance.
-HARMLESS = resume_check.HARMLESS + ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval",
+HARMLESS = ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval",
                                     "max_bad_fraction")
 # The values of the data settings that checkpoints written before they existed were trained with.
 OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "auto"}
 
 
 def resolve_config(argv=None) -> FinetuneConfig:
-    """The command line -> FinetuneConfig (see finetune/config.py)."""
+    """The command line -> FinetuneConfig (see finetune.config)."""
     return _resolve(argv, __doc__)
 
 
@@ -122,7 +126,7 @@ def prepare_splits(cfg: FinetuneConfig, info: distributed.DistInfo) -> Tuple[Pat
     root = data_root(cfg) if info.is_main else None
     distributed.barrier()
     root = root or data_root(cfg)
-    classes = ftdata.check_splits(root)
+    classes = labelled.check_splits(root)
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise UsageError(f"num_classes is {cfg.num_classes} but the data set at {root} has {len(classes)} "
                          f"classes (folders in train/); drop --num_classes / --nb_classes or fix the data")
@@ -148,9 +152,9 @@ def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] 
 def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: Optional[Dict[str, Any]] = None,
                  pretrained: Optional[Dict[str, Any]] = None):
     """(cfg with the resolved mean/std, train set, val set), formats checked, transforms set (see `normalisation`)."""
-    train = ftdata.LabelledFolder(root / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout,
+    train = labelled.LabelledFolder(root / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout,
                                   skip_unreadable=True)
-    val = ftdata.LabelledFolder(root / "val", classes, in_chans=cfg.in_chans, layout=cfg.layout)
+    val = labelled.LabelledFolder(root / "val", classes, in_chans=cfg.in_chans, layout=cfg.layout)
     if val.dtype != train.dtype:
         raise DataError(f"{root / 'train'} holds {train.bit_depth}-bit images ({train.dtype}) but {root / 'val'} "
                         f"holds {val.bit_depth}-bit ones ({val.dtype}): both splits need the same kind of image")
@@ -160,12 +164,12 @@ def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: O
         f"{list(mean)}, std {list(std)}")
     settings = cfg.to_dict()
     train.transform = ftdata.train_transform(settings, mean, std, pil=train.uses_pil)
-    val.transform = ftdata.eval_transform(settings, mean, std, pil=val.uses_pil)
+    val.transform = labelled.eval_transform(settings, mean, std, pil=val.uses_pil)
     return cfg, train, val
 
 
 def val_loader(cfg: FinetuneConfig, val, info: distributed.DistInfo) -> DataLoader:
-    sampler = ftdata.ShardSampler(len(val), info.rank, info.world_size)
+    sampler = labelled.ShardSampler(len(val), info.rank, info.world_size)
     return DataLoader(val, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                       pin_memory=info.device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
@@ -176,15 +180,8 @@ def is_finetune_checkpoint(state: Dict[str, Any]) -> bool:
 
 
 def check_resumable(saved: Dict[str, Any], cfg: FinetuneConfig, path) -> None:
-    if not is_finetune_checkpoint(saved):
-        raise UsageError(f"{path} is not a fine-tuning checkpoint of this project (keys: "
-                         f"{', '.join(sorted(map(str, saved)))}); to start from pre-trained weights use "
-                         f"CHECKPOINT / --finetune, and --resume none")
-    saved["config"] = {**OLD_DEFAULTS, **saved["config"]}  # checkpoints older than the data settings
-    model_diffs = resume_check.model_changes(saved["config"], cfg.to_dict(), MODEL_KEYS)
-    if model_diffs:
-        raise UsageError(f"cannot use {path}: it holds another model ({'; '.join(model_diffs)}). "
-                         "Use another --output_dir, or --resume none")
+    """Clear error unless the checkpoint is a fine-tuning checkpoint of this run's model."""
+    resume.check_same_model(saved, cfg.to_dict(), path, SPEC)
 
 
 def load_weights(model, checkpoint: Dict[str, Any], path) -> None:
@@ -196,23 +193,13 @@ def load_weights(model, checkpoint: Dict[str, Any], path) -> None:
 
 
 # ---------------------------------------------------------------- the run
-def run(cfg: FinetuneConfig) -> int:
-    """A real run (training, or evaluation with --eval); see Command.main for --dry_run."""
-    with run_process(cfg) as info:
-        if cfg.eval:  # no lock (a training run may hold it), but a folder eval.jsonl can be written to
-            if info.is_main:
-                ckpt.check_writable(cfg.output_dir)
-            return _evaluate_only(cfg, info)
-        with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
-            return _train(cfg, info)
-
-
 def _new_model(cfg: FinetuneConfig, num_classes: int):
     return build_model(cfg.size, num_classes, drop_path=cfg.drop_path, head_init_scale=cfg.head_init_scale,
                        depths=cfg.depths, dims=cfg.dims, in_chans=cfg.in_chans)
 
 
-def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
+def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
+    """--eval: top-1 / top-5 of one checkpoint on val/ (see the module docstring for which checkpoint)."""
     root, classes = prepare_splits(cfg, info)
     resumed = ckpt.find_resume(cfg.resume, cfg.output_dir)
     path = resumed or (Path(cfg.finetune) if cfg.finetune else None)
@@ -222,7 +209,7 @@ def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         raise UsageError(f"--eval needs a checkpoint: --resume PATH, a checkpoint in {cfg.output_dir}, "
                          "or CHECKPOINT")
     # A training checkpoint of this command, or weights from elsewhere (.safetensors included), read safely.
-    saved = read_checkpoint(path) if resumed else read_pretrained(path)
+    saved = resume.read_checkpoint(path) if resumed else read_pretrained(path)
     seed_everything(cfg.seed + info.rank)
     model = _new_model(cfg, len(classes))
     weights = {"model": model}
@@ -253,7 +240,8 @@ def _evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     return 0
 
 
-def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
+def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
+    """Fine-tune on the processes of `info` (the runtime holds the lock and the process group: TrainSpec.run)."""
     device, main = info.device, info.is_main
     out = Path(cfg.output_dir)  # created and checked writable by lock.hold on every rank
     compile_fn = model_compiler(cfg, device)
@@ -262,7 +250,7 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     root, classes = prepare_splits(cfg, info)
     num_classes = len(classes)
     cfg = cfg.replace(num_classes=num_classes)
-    resume_from, saved = resume_checkpoint(cfg.resume, out)  # rank 0 picks it for every rank
+    resume_from, saved = resume.resume_checkpoint(cfg.resume, out)  # rank 0 picks it for every rank
     if saved is not None:
         check_resumable(saved, cfg, resume_from)
     pretrained = read_pretrained(cfg.finetune) if saved is None and cfg.finetune else None
@@ -276,8 +264,8 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     del pretrained
     plan = plan_run(cfg, info.world_size, len(train_set))
     if saved is not None:
-        old_plan = resume_check.check_resume(saved, cfg.to_dict(), plan, resume_from, HARMLESS,
-                                             cfg.allow_config_change)
+        old_plan = resume.check_resume(saved, cfg.to_dict(), plan, resume_from, SPEC.harmless_on_resume,
+                                       cfg.allow_config_change)
     if main:
         print(format_plan(cfg, plan, str(root), num_classes), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict(), "classes": classes}, out / "config.yaml")
@@ -288,31 +276,20 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
                                 cfg.betas)
     ema = None
     if cfg.model_ema:
-        from timm.utils import ModelEmaV3
-
         ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
     best = {"acc1": 0.0}
     mixup = ftdata.make_mixup(cfg.to_dict(), num_classes)
-    criterion = ftdata.make_criterion(cfg.to_dict(), mixup)
     bad_images = BadImageTracker(len(train_set), cfg.max_bad_fraction, logger=lambda m: log(m, main_only=False))
-
-    def loss_fn(model, batch):
-        (images, targets), bad = batch
-        bad_images.report(bad, trainer.fail_at_next_check)
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        return criterion(model(images), targets)
-
-    trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
+    step = ClassificationStep(ftdata.make_criterion(cfg.to_dict(), mixup), mixup, device)
+    trainer = Trainer(model, optimizer, step, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
                       {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp),
                       after_step=ema.update if ema is not None else None,
                       extra_state=lambda: {"ema": ema.module.state_dict() if ema is not None else None,
                                            "best": best, "classes": classes},
-                      compile_fn=compile_fn)
+                      compile_fn=compile_fn, bad_inputs=bad_images)
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
-        resume_check.align_state(trainer.state, old_plan, plan)
+        resume.align_state(trainer.state, old_plan, plan)
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
         elif ema is not None:  # a checkpoint trained without EMA: the average starts from the restored weights
@@ -358,11 +335,21 @@ def _train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     return 0
 
 
-COMMAND = Command("fcmae-finetune", resolve_config, run, describe, expected_errors=(DataError, ConversionError))
+SPEC = TrainSpec("fcmae-finetune", FinetuneConfig, resolve_config, describe, train, model_keys=MODEL_KEYS,
+                 harmless=HARMLESS, old_defaults=OLD_DEFAULTS,
+                 checkpoint_kind="a fine-tuning checkpoint (pre-trained weights go in CHECKPOINT / --finetune)",
+                 is_own_checkpoint=is_finetune_checkpoint, evaluate=evaluate_only,
+                 expected_errors=(DataError, ConversionError))
+
+
+
+def run(cfg) -> int:
+    """A real run of fine-tuning or, with --eval, evaluation on the processes this one belongs to (TrainSpec.run)."""
+    return SPEC.run(cfg)
 
 
 def main(argv=None) -> None:
-    COMMAND.main(argv)
+    SPEC.main(argv)
 
 
 if __name__ == "__main__":

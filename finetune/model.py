@@ -3,10 +3,13 @@
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+import timm
+import torch
 import torch.nn as nn
 
-from finetune.convert import Conversion, ConversionError, build_dense, convert, describe_arch, uses_conv_mlp
-from finetune.weights import WeightsError, read_weights
+from fcmae.weights.conversion import Conversion, build_dense, convert, describe_arch, uses_conv_mlp
+from fcmae.weights.io import WeightsError, read_weights
+from fcmae.weights.layouts import ConversionError
 from sparse.sizes import check_size, resolve_arch, size_of
 
 
@@ -24,8 +27,6 @@ def build_model(size: str, num_classes: int, drop_path: float = 0.0, head_init_s
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path, head_init_scale=head_init_scale,
                   in_chans=in_chans)
     if size_of(depths, dims) == name:
-        import timm
-
         model = timm.create_model(f"convnextv2_{name}", **kwargs)
     else:
         model = build_dense(depths, dims, conv_mlp=uses_conv_mlp(size_of(depths, dims)), **kwargs)
@@ -83,8 +84,9 @@ def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") ->
     in_chans = model.stem[0].in_channels
     if conversion.in_chans != in_chans:
         raise ConversionError(f"{path} has a stem for {conversion.in_chans} input channel(s), but the model to "
-                              f"fine-tune has in_chans={in_chans}; fcmae-finetune: set --in_chans {conversion.in_chans} "
-                              f"(the images' channel count must match the pre-training's); fcmae-knn and "
+                              f"fine-tune has in_chans={in_chans}; fcmae-finetune: set --in_chans "
+                              f"{conversion.in_chans} (the images' channel count must match the pre-training's); "
+                              f"fcmae-knn and "
                               f"fcmae-linprobe take 3-channel checkpoints only")
     weights = dict(conversion.state_dict)
     dropped = dict(conversion.dropped)
@@ -103,7 +105,7 @@ def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") ->
 
 
 def read_pretrained(path) -> dict:
-    """Read pre-trained weights from outside safely (finetune/weights.py); errors as ConversionError.
+    """Read pre-trained weights from outside safely (fcmae.weights.io); errors as ConversionError.
 
     A .safetensors file, or a torch file read with weights_only=True: a file
     whose unpickling would run code is refused, and none of its code runs.
@@ -123,7 +125,6 @@ def load_backbone(checkpoint: Optional[str], size: Optional[str] = None, depths:
     architecture is the checkpoint's unless `size` (and depths/dims) is
     given, in which case a checkpoint of another size is a clear error.
     """
-    import torch
 
     if checkpoint is None or str(checkpoint).lower() == "none":
         torch.manual_seed(seed)

@@ -80,7 +80,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float, dept
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float, depths: Sequence[int],
                     rule: str = "single", betas=(0.9, 0.999)) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; the lr of each group is lr * lr_scale (fcmae.runtime.schedule.set_lr keeps it so);
+    """AdamW over `param_groups`; the lr of each group is lr * lr_scale (fcmae.runtime.plan.set_lr keeps it so);
     fused when every parameter is on one CUDA or CPU device."""
     groups = param_groups(model, weight_decay, layer_decay, depths, rule)
     for group in groups:

@@ -1,7 +1,7 @@
 # Shared launcher logic; source it, then call:  fcmae_launch PYTHON_MODULE [args...]
 #
 # Everything is decided in Python, by `python -m fcmae.runtime.launch` (see
-# fcmae/runtime/launch.py), with the command's own flag parser, so the shell and
+# fcmae/runtime/launch/launcher.py), with the command's own flag parser, so the shell and
 # the command cannot disagree:
 #   - processes per node: $NPROC_PER_NODE, else the GPUs torch.cuda.device_count()
 #     sees (honouring CUDA_VISIBLE_DEVICES), else 1 CPU process;

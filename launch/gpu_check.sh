@@ -6,7 +6,7 @@
 #   bash launch/gpu_check.sh --device cpu --quick --out /tmp/check   # tiny configs on CPU (CI)
 #
 # Writes OUT/gpu_check.json and OUT/gpu_check.md (updated after every part and
-# bench row). Flags: python -m fcmae.gpu_check --help.
+# bench row). Flags: python -m fcmae.tools.gpu_check --help.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
@@ -15,4 +15,4 @@ if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python
     command -v python >/dev/null 2>&1 || PYTHON=python3
 fi
-exec "$PYTHON" -m fcmae.gpu_check "$@"
+exec "$PYTHON" -m fcmae.tools.gpu_check "$@"

@@ -23,4 +23,4 @@ fcmae_usage "launch/pretrain.sh SIZE SCHEDULE [--key value ...]" \
     "launch/pretrain.sh atto demo    or    launch/pretrain.sh huge 800ep --data_path /path/to/imagenet" "$@"
 # Run from anywhere: relative paths stay relative to the caller's directory.
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
-fcmae_launch fcmae.main_pretrain "$@"
+fcmae_launch fcmae.pretrain.main "$@"

@@ -7,8 +7,8 @@
 #   VARIANT=cuda bash launch/test_minkowski.sh
 #
 # The default CI does not build MinkowskiEngine (a CPU build takes 10-40 min);
-# there tests/test_minkowski.py is skipped with its reason and
-# tests/test_minkowski_missing.py checks the error users get without it.
+# there tests/sparse/test_minkowski.py is skipped with its reason and
+# tests/sparse/test_minkowski_missing.py checks the error users get without it.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +29,7 @@ if [[ "$REBUILD" == 1 ]] || ! "$PYTHON" -c "import MinkowskiEngine" >/dev/null 2
     bash launch/install_minkowski.sh "$VARIANT"
 fi
 "$PYTHON" -c "import warnings; warnings.simplefilter('ignore'); import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__, 'CUDA:', ME.is_cuda_available())"
-"$PYTHON" -m pytest -v -ra -W ignore::UserWarning tests/test_minkowski.py tests/test_minkowski_missing.py
+"$PYTHON" -m pytest -v -ra -W ignore::UserWarning tests/sparse/test_minkowski.py tests/sparse/test_minkowski_missing.py
 if [[ "$BENCH" == 1 ]]; then
-    "$PYTHON" -m sparse.bench --size atto --batch 8 --img-size 224 --mask-ratio 0.6 --threads 2
+    "$PYTHON" -m fcmae.tools.bench_encoder --size atto --batch 8 --img-size 224 --mask-ratio 0.6 --threads 2
 fi

@@ -1,6 +1,6 @@
 """The 7x7 depthwise conv of the `torch` backend, evaluated at the kept patches.
 
-Input and output are (N, K, p, p, C) kept patches (sparse/sites.py,
+Input and output are (N, K, p, p, C) kept patches (sparse.sites,
 `PatchSites`). The conv reads 3 sites beyond each patch, so its inputs are
 the zero-filled map of the visible sites (masked sites are zero). Each of its
 three parts (forward, input gradient, weight gradient) can be computed in
@@ -34,9 +34,9 @@ per-stage choice: on CPU it always takes the grouped weight gradient, on
 other devices it is a plain nn.Conv2d, and the method table and its
 overrides below do not apply to it.
 
-All give the same values up to float rounding (tests/test_depthwise.py).
+All give the same values up to float rounding (tests/sparse/test_depthwise.py).
 `depthwise_method(device_type, p)` is the one place that picks them; the
-CPU table comes from `python -m sparse.bench --mode dwconv` (BENCHMARKS.md).
+CPU table comes from `python -m fcmae.tools.bench_encoder --mode dwconv` (BENCHMARKS.md).
 Override with `set_depthwise_method(...)` or the environment variable
 SPARSE_DEPTHWISE_METHOD="conv,weight_grad" (read at import, for every
 device and stage), e.g. "windows,windows".
@@ -47,8 +47,8 @@ Python constant per (device, stage), and the indices it reads (the halo
 windows', and `PatchSites.site_rows` for scatters and gathers) are made
 before the autograd.Function (`stage_indices`), so torch.compile traces it
 without graph breaks
-(tests/test_depthwise.py). The CUDA rows were measured on one H100; the
-default CUDA methods run in tests/test_cuda.py (where a GPU is present), the
+(tests/sparse/test_depthwise.py). The CUDA rows were measured on one H100; the
+default CUDA methods run in tests/runtime/test_cuda.py (where a GPU is present), the
 others have run on CUDA only in `--mode dwconv`. The grouped methods and
 `DepthwiseConv2d`'s backward have run on CPU only.
 """
@@ -77,7 +77,7 @@ class DepthwiseMethod(NamedTuple):
 
 
 # Fastest method per (device type, sites per patch side), measured with
-# `python -m sparse.bench --mode dwconv` (BENCHMARKS.md, "The depthwise conv's
+# `python -m fcmae.tools.bench_encoder --mode dwconv` (BENCHMARKS.md, "The depthwise conv's
 # methods"), fp32, 224x224, mask ratio 0.6. CPU: atto b16, tiny b8 and base b4
 # on the 2-core Xeon VM, 2 threads: the grouped weight gradient on the windows
 # at p = 8, 4 and on the dense map at p = 2, 1 (1.5-2.9x faster than aten's

@@ -3,9 +3,9 @@
 Parameter names and shapes follow timm's channels-last `convnextv2_<size>`
 (stem.0, stem.1, stages.i.downsample.{0,1}, stages.i.blocks.j.{conv_dw,
 norm, mlp.fc1, mlp.grn, mlp.fc2}), so converting to the dense model is
-mostly renaming (finetune/layouts.py). All backends share these parameters:
+mostly renaming (fcmae.weights.layouts). All backends share these parameters:
 a backend only decides how the forward pass stores the visible sites
-(sparse/sites.py), so any checkpoint runs with any backend.
+(sparse.sites), so any checkpoint runs with any backend.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -226,7 +226,7 @@ class SparseConvNeXtV2(nn.Module):
             imgs: (N, in_chans, H, W) images, H and W multiples of 32.
             mask: (N, L) patch mask, 1 = masked; None keeps every patch.
             num_kept: visible patches per image, when the caller knows it (a
-                mask drawn by `fcmae.masking.random_mask` keeps
+                mask drawn by `sparse.masking.random_mask` keeps
                 `num_kept(L, mask_ratio)`). The caller vouches for the mask, so
                 its values are not checked: no host sync, no graph break. None
                 reads (and checks) it from the mask in eager mode.

@@ -23,8 +23,8 @@ The gradient, with d = mean_c gx + eps and P[n, c] = sum_s g * x:
     d x      = g * (1 + weight * nx) + x * d gx / gx      (0 where gx = 0)
 
 The norm is taken in float32 whatever the input dtype (as autocast does for
-norms). This backward has run on CPU only so far; on a GPU, tests/test_cuda.py
-runs it inside the FCMAE step. tests/test_grn.py checks values and gradients against timm's
+norms). This backward has run on CPU only so far; on a GPU, tests/runtime/test_cuda.py
+runs it inside the FCMAE step. tests/sparse/test_grn.py checks values and gradients against timm's
 GlobalResponseNorm, which is written with autograd's ops.
 """
 

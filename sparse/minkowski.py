@@ -8,7 +8,7 @@ backend is asked for (`sparse.build_encoder(size, backend="minkowski")`, or
 the top of this module need only PyTorch.
 
 How the forward pass runs (the encoder's modules are the shared ones of
-sparse/encoder.py; this class only decides where the visible sites live):
+sparse.encoder; this class only decides where the visible sites live):
 
 - sites are the rows of an (M, C) feature matrix; their coordinates
   (batch, y, x) live in an ME `CoordinateManager`, y and x in stem-site units
@@ -27,7 +27,7 @@ sparse/encoder.py; this class only decides where the visible sites live):
   reference release's sparse GRN pools over the whole batch; this does not);
 - the output is densified to (N, C, H/32, W/32) with zeros at masked sites.
 
-Weights stay in the layout of sparse/encoder.py (nn.Conv2d / nn.Linear /
+Weights stay in the layout of sparse.encoder (nn.Conv2d / nn.Linear /
 LayerNorm / GRN); they are converted to ME's kernel layout at forward time,
 differentiably, so a checkpoint is the same state dict for every backend and
 no conversion is ever needed when loading.
@@ -61,7 +61,7 @@ class MinkowskiEngineUnavailable(ImportError):
 # are the kernel positions along coordinate axes 1 and 2. We store
 # coordinates as (batch, y, x), so k = ky + K * kx, whereas torch flattens
 # (ky, kx) row-major: r = ky * K + kx. The two orders differ by a transpose
-# of the spatial axes. tests/test_minkowski.py checks this numerically
+# of the spatial axes. tests/sparse/test_minkowski.py checks this numerically
 # against the torch backend (forward and gradients).
 
 
@@ -135,7 +135,7 @@ def per_image_l2_rows(x: torch.Tensor, batch_index: torch.Tensor, batch_size: in
     The sum of squares is accumulated in float32, whatever the dtype of x: in
     fp16, 1,254 sites of magnitude 8 already sum to more than fp16 holds (inf,
     then NaN downstream). The norm is returned in x's dtype (the dense
-    backends' GRN, sparse/grn.py, keeps it in float32).
+    backends' GRN, sparse.grn, keeps it in float32).
     """
     squares = x.float().square()
     sumsq = squares.new_zeros(batch_size, x.shape[1]).index_add_(0, batch_index, squares)
@@ -158,7 +158,7 @@ def require_minkowski():
     global _ME
     if _ME is None:
         try:
-            import MinkowskiEngine as ME
+            import MinkowskiEngine as ME  # optional backend
             import MinkowskiEngineBackend._C  # noqa: F401  (the compiled extension)
         except (ImportError, OSError) as err:
             raise MinkowskiEngineUnavailable(
@@ -378,5 +378,5 @@ def _convolution_mode(ME):
     """ME's default convolution mode enum (not re-exported at the top level of ME 0.5.4)."""
     mode = getattr(ME, "ConvolutionMode", None)
     if mode is None:
-        from MinkowskiEngineBackend._C import ConvolutionMode as mode
+        from MinkowskiEngineBackend._C import ConvolutionMode as mode  # older MinkowskiEngine builds
     return mode.DEFAULT

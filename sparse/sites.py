@@ -1,6 +1,6 @@
 """Where the encoder's features live: one class per backend.
 
-The encoder's layers are written once (sparse/encoder.py). Everything that
+The encoder's layers are written once (sparse.encoder). Everything that
 depends on how the visible sites are stored goes through a `Sites` object,
 made from the mask at the start of each forward pass:
 
@@ -9,7 +9,7 @@ made from the mask at the start of each forward pass:
   patch at the current stage, C channels. Pointwise layers run on it
   directly, so they only compute visible work; the 2x2 downsample never
   crosses a patch and is a reshape plus a matmul; only the 7x7 depthwise conv
-  looks across patch borders (sparse/depthwise.py).
+  looks across patch borders (sparse.depthwise).
 - `MaskedDenseSites` (backend "dense-masked"): full dense maps (N, H, W, C)
   with masked sites set to zero before and after every spatial op. Full dense
   cost, numerically the same as sparse convolution: the oracle.
@@ -62,7 +62,7 @@ class Sites:
 
     def global_response_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                              eps: float) -> torch.Tensor:
-        """GRN with statistics over the sites of each image (sparse/grn.py).
+        """GRN with statistics over the sites of each image (sparse.grn).
 
         Correct for any layout whose axes are (image, site axes..., channel)
         and whose masked sites, if stored, are zero.

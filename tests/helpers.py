@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from fcmae import masking
+from sparse import masking
 
-# A custom config small enough for fast CPU tests, with a different width per stage.
 TINY_DEPTHS = (1, 2, 1, 1)
 TINY_DIMS = (8, 16, 24, 32)
 # The tiny model of the command tests, as flags of both commands.

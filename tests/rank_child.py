@@ -1,6 +1,6 @@
 """One rank of a multi-process test: `python -m tests.rank_child SCENARIO MODULE [args...]`.
 
-tests/test_ranks.py starts one such process per rank, with RANK, WORLD_SIZE,
+tests/runtime/test_ranks.py starts one such process per rank, with RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set as torchrun sets them and a short
 FCMAE_DIST_TIMEOUT. SCENARIO changes this rank's process before MODULE's
 command runs, so that one rank meets what the others do not:
@@ -24,7 +24,7 @@ RANK = int(os.environ["RANK"])
 
 
 def nan_on_rank_1() -> None:
-    from fcmae import main_pretrain
+    from fcmae.pretrain import main as main_pretrain
     from tests.helpers import build_with_nan_loss
 
     build_with_nan = build_with_nan_loss(main_pretrain.build_fcmae, at_call=6)
@@ -34,7 +34,7 @@ def nan_on_rank_1() -> None:
 
 
 def unreadable_on_rank_1() -> None:
-    from fcmae.data import ImageFolderDataset
+    from fcmae.data.folder import ImageFolderDataset
 
     real_crop_item = ImageFolderDataset.crop_item  # what training reads a sample with
 

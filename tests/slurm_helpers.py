@@ -5,7 +5,7 @@ scancel on PATH, and `sinfo` reporting a usable node). CI starts a
 single-node one before the tests; without one the tests skip, with the
 reason. Nothing here starts daemons.
 
-Timing facts these helpers plan around (see docs/SLURM.md):
+Timing facts these helpers plan around (see docs/fault-tolerance-and-slurm.md):
 - a requeued job is held ~121 s before it may start again; as root (the CI
   cluster) `start_now` lifts that hold with `scontrol update StartTime=now`;
 - `--signal=SIG@N` and the time limit are handled by slurmctld's periodic

@@ -30,16 +30,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from fcmae.runtime.errors import CheckpointError
 from fcmae.runtime.files import write_atomic
 
 PathLike = Union[str, os.PathLike]
 
 LAST_NAME = "checkpoint-last.pth"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit this run; the message says why."""
 
 
 def save_atomic(obj: Any, path: PathLike) -> Path:
@@ -74,7 +71,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint ({e})"
         ) from None
     except Exception as e:  # unpickling errors of arbitrary files
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (a {type(obj).__name__}, expected a dict)")
     return obj

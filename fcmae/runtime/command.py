@@ -1,182 +1,153 @@
-"""The scaffold of a training command: its command line, its errors, its dry run.
+"""The scaffold of every command-line tool: its command line, its errors, its dry run; TrainSpec.
 
-Each command module (fcmae/main_pretrain.py, finetune/main_finetune.py)
-defines `COMMAND = Command(name, resolve, run, describe)`; `Command.main`
-then reads the command line into the typed config, prints the plan and stops
-for `--dry_run`, or runs. Bad input (UsageError, ConfigError, and the
-command's own expected errors, a device that is not there) is printed as one
-line `NAME: error: ...` with exit code 2; a non-finite loss exits with 3, a
-full disk with 4, an output folder in use by another run with 5; anything
-else is a bug and keeps its traceback. fcmae.runtime.launch uses the same `resolve` and
-`describe`, so the launcher and the command read the flags alike.
+`run_cli(name, body, expected)` runs a tool's body; an expected error is
+printed as one line `NAME: error: MESSAGE` and the tool exits with the
+error's `exit_code` (fcmae.runtime.errors: 2 bad input, 3 non-finite loss,
+4 full disk, 5 output folder in use); anything else is a bug and keeps its
+traceback. Every tool goes through it: the training commands (through
+`TrainSpec.main`), fcmae-convert, fcmae-knn, fcmae-linprobe, bench_data and
+the launcher.
+
+A training command declares itself in one `TrainSpec` (fcmae.pretrain.main
+and finetune.main_finetune define `SPEC`): `main` reads the command line
+into the typed config, prints the plan and stops for `--dry_run`, or runs
+`train` under the output folder's lock. The launcher
+(fcmae.runtime.launch.launcher) uses the same `resolve` and `describe`, so
+the launcher and the command read the flags alike.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime.config import (
-    ConfigError, apply_overrides, load_config, normalise_reference_flags, parse_overrides, split_positionals,
+from fcmae.runtime import distributed, lock, resume
+from fcmae.runtime.device import run_process
+from fcmae.runtime.distributed import is_dist
+from fcmae.runtime.errors import (
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    DiskFullError,
+    LockError,
+    NonFiniteLossError,
+    UsageError,
 )
-
-EXIT_USAGE = 2
-EXIT_NON_FINITE_LOSS = 3
-EXIT_DISK_FULL = 4
-EXIT_IN_USE = 5
+from fcmae.runtime.files import disk_full_error
 
 
-class UsageError(ValueError):
-    """Bad input found before any compute; printed without a traceback."""
+def fail(name: str, error: BaseException) -> NoReturn:
+    """Print `NAME: error: MESSAGE` on stderr and exit with the error's class's `exit_code`."""
+
+    code = error.exit_code
+    print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+    if is_dist():
+        # The error left the process group up (distributed.cleanup: destroying it while the peers close
+        # races them). Python's own exit would tear it down and gloo can abort there (SIGABRT, "terminate
+        # called without an active exception") instead of exiting with `code`. Every file is written and
+        # every lock released by now (their blocks have unwound), so leave at once.
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run_cli(name: str, body: Callable[[], int], expected: Tuple[type, ...]) -> NoReturn:
+    """Exit with the code `body()` returns; an `expected` error becomes one line and its `exit_code` (`fail`).
+
+    With DiskFullError among `expected`, an OSError of a full disk outside write_atomic (log.jsonl's
+    appends) is turned into one too (exit 4). Any other exception keeps its traceback.
+    """
+
+    try:
+        code = body()
+    except expected as e:
+        fail(name, e)
+    except OSError as e:
+        full = disk_full_error(e, e.filename or "?") if DiskFullError in expected else None
+        if full is None:
+            raise
+        fail(name, full)
+    sys.exit(code)
 
 
 @dataclass(frozen=True)
-class Flags:
-    """How a command's flags are read besides `--key value` (the reference release's names and forms).
+class TrainSpec:
+    """What a training command declares; the runtime does the rest (compare torchtitan's TrainSpec).
 
-    Args:
-        aliases: other flag names -> config keys (`--model` -> size).
-        boolean: flags that may stand alone (`--dry_run` means true).
-        ignored: the reference's flags without meaning here, accepted and dropped.
-        ignored_with_value: the same, for flags that take a value (`--dist_url env://`).
-    """
-
-    aliases: Dict[str, str]
-    boolean: Tuple[str, ...]
-    ignored: Tuple[str, ...] = ()
-    ignored_with_value: Tuple[str, ...] = ()
-
-
-def read_command_line(argv: Optional[Sequence[str]], doc: str, flags: Flags,
-                      positionals: int) -> Tuple[List[str], Dict[str, Any], List[str]]:
-    """(leading positional arguments, {dotted key: value} overrides, extra --config files); -h prints `doc`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(doc)
-        sys.exit(0)
-    names, rest = split_positionals(argv, positionals)
-    standalone = flags.boolean + flags.ignored
-    overrides = parse_overrides(normalise_reference_flags(rest, standalone, flags.ignored_with_value),
-                                flags.aliases, standalone)
-    for key in flags.ignored + flags.ignored_with_value:
-        overrides.pop(key, None)
-    extra_files = overrides.pop("config", None) or []
-    return names, overrides, [extra_files] if isinstance(extra_files, str) else list(extra_files)
-
-
-def layered_settings(files: Sequence[Path], overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """YAML files merged in order, then the command-line overrides (unknown keys are errors)."""
-    return apply_overrides(load_config(files), overrides)
-
-
-def check_size(name: Optional[str], usage: str) -> str:
-    """The registry name of a model size; `usage` completes the error when none is given."""
-    import sparse
-
-    if name is None:
-        raise UsageError(f"no model size given: {usage} (sizes: {', '.join(sparse.MODEL_SIZES)})")
-    try:
-        return sparse.check_size(name)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def read_checkpoint(path) -> Dict[str, Any]:
-    """A checkpoint dict; a UsageError for a missing, truncated or foreign file."""
-    try:
-        return ckpt.load_checkpoint(path)
-    except ckpt.CheckpointError as e:
-        raise UsageError(f"{e}. Remove it, or pass --resume none to start afresh") from None
-
-
-def resume_checkpoint(resume: Optional[str], output_dir) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
-    """(path, contents) of the checkpoint to resume, the same on every rank; (None, None) to start afresh.
-
-    Rank 0 decides (`--resume`: auto, a path or none; see
-    fcmae.runtime.checkpoint.find_resume) and sends the path to the others,
-    so a node-local output folder or a stale listing on a network file system
-    cannot make ranks resume different files. When any rank cannot read the
-    file, every rank stops with that rank's message.
-    """
-    from fcmae.runtime import distributed
-
-    path = ckpt.find_resume(resume, output_dir) if distributed.get_rank() == 0 else None
-    path = distributed.broadcast_object(path)
-    if path is None:
-        return None, None
-    saved, error = None, None
-    try:
-        saved = read_checkpoint(path)
-    except UsageError as e:
-        error = e
-    distributed.raise_first_error(error)
-    return path, saved
-
-
-@dataclass(frozen=True)
-class Command:
-    """A training command.
+    Each training command fills in one (`SPEC` in fcmae.pretrain.main and
+    finetune.main_finetune). The runtime reads the command line into
+    `config_class` (`resolve`), prints the plan for `--dry_run` and the
+    launcher (`describe`), holds the output folder's lock and the process
+    group around `train` (or `evaluate` for `--eval`), checks a resumed
+    checkpoint against `model_keys` and the settings that may change
+    (fcmae.runtime.resume), and turns expected errors into one line and an
+    exit code.
 
     Args:
         name: the name in messages (`fcmae-pretrain`).
-        resolve: argv -> the validated, frozen config (argv None: sys.argv).
-        run: config -> exit code of a real run.
+        config_class: the command's typed, frozen config (a fcmae.runtime.settings.TrainConfig).
+        resolve: argv -> the validated config (argv None: sys.argv).
         describe: (config, world size) -> the plan as text, reading no data and building nothing.
-        expected_errors: the command's own exception types that mean bad input.
+        train: (config, this process's DistInfo) -> exit code: build the data, model and optimizer, then
+            fit with the command's step function and end-of-epoch.
+        model_keys: settings that define the model's parameters; a resumed checkpoint must share them.
+        harmless: the command's settings, besides the runtime's own (resume.HARMLESS), whose change on
+            resume is taken as given.
+        old_defaults: values of settings that checkpoints written before those settings existed were
+            trained with.
+        checkpoint_kind: what the command's checkpoints are, for messages ("an FCMAE pre-training checkpoint").
+        is_own_checkpoint: checkpoint dict -> True when it is one of this command's training checkpoints.
+        evaluate: (config, DistInfo) -> exit code of an evaluation-only run (`--eval`), or None.
+        expected_errors: the command's own exception types that mean bad input (each with an `exit_code`).
     """
 
     name: str
+    config_class: type
     resolve: Callable[[Optional[Sequence[str]]], Any]
-    run: Callable[[Any], int]
     describe: Callable[[Any, int], str]
+    train: Callable[[Any, distributed.DistInfo], int]
+    model_keys: Tuple[str, ...]
+    harmless: Tuple[str, ...] = ()
+    old_defaults: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint_kind: str = "a training checkpoint"
+    is_own_checkpoint: Callable[[Mapping[str, Any]], bool] = resume.is_training_checkpoint
+    evaluate: Optional[Callable[[Any, distributed.DistInfo], int]] = None
     expected_errors: Tuple[type, ...] = ()
 
+    @property
+    def harmless_on_resume(self) -> Tuple[str, ...]:
+        return resume.HARMLESS + tuple(self.harmless)
+
+    def run(self, cfg) -> int:
+        """A real run on the processes this one belongs to: evaluation (`--eval`), or training under the lock."""
+        with run_process(cfg) as info:
+            if self.evaluate is not None and getattr(cfg, "eval", False):
+                # no lock (a training run may hold it), but a folder eval.jsonl can be written to
+                if info.is_main:
+                    ckpt.check_writable(cfg.output_dir)
+                return self.evaluate(cfg, info)
+            with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
+                return self.train(cfg, info)
+
     def usage_errors(self) -> Tuple[type, ...]:
-        from fcmae.runtime.distributed import DeviceError
+        """The errors that mean bad input (exit 2); the launcher stops on them too."""
+        return (UsageError, ConfigError, CheckpointError, DeviceError) + self.expected_errors
 
-        return (UsageError, ConfigError, ckpt.CheckpointError, DeviceError) + self.expected_errors
-
-    def fail(self, error: BaseException, code: int = EXIT_USAGE) -> NoReturn:
-        print(f"{self.name}: error: {error}", file=sys.stderr, flush=True)
-        from fcmae.runtime.distributed import is_dist
-
-        if is_dist():
-            # The error left the process group up (distributed.cleanup: destroying it while the peers close
-            # races them). Python's own exit would tear it down and gloo can abort there (SIGABRT, "terminate
-            # called without an active exception") instead of exiting with `code`. Every file is written and
-            # every lock released by now (their blocks have unwound), so leave at once.
-            sys.stdout.flush()
-            os._exit(code)
-        sys.exit(code)
+    def fail(self, error: BaseException) -> NoReturn:
+        fail(self.name, error)
 
     def main(self, argv: Optional[Sequence[str]] = None) -> NoReturn:
         """Resolve, then print the plan (`--dry_run`) or run; expected errors become one line and an exit code."""
-        from fcmae.runtime.files import DiskFullError, disk_full_error
-        from fcmae.runtime.lock import LockError
-        from fcmae.runtime.trainer import NonFiniteLossError
 
-        try:
+        def body() -> int:
             cfg = self.resolve(argv)
             if cfg.dry_run:
                 print(self.describe(cfg, cfg.world_size or 1))
                 print("dry run: nothing was trained", flush=True)
                 sys.exit(0)
-            code = self.run(cfg)
-        except self.usage_errors() as e:
-            self.fail(e)
-        except NonFiniteLossError as e:
-            self.fail(e, EXIT_NON_FINITE_LOSS)
-        except LockError as e:
-            self.fail(e, EXIT_IN_USE)
-        except DiskFullError as e:
-            self.fail(e, EXIT_DISK_FULL)
-        except OSError as e:  # a write outside write_atomic (log.jsonl's appends) on a full disk
-            full = disk_full_error(e, e.filename or "?")
-            if full is None:
-                raise
-            self.fail(full, EXIT_DISK_FULL)
-        sys.exit(code)
+            return self.run(cfg)
+
+        run_cli(self.name, body, self.usage_errors() + (NonFiniteLossError, LockError, DiskFullError))

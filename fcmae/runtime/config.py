@@ -17,18 +17,17 @@ validated run config is built from the resolved dict by fcmae.runtime.settings.
 
 import copy
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from fcmae.runtime.errors import ConfigError
 from fcmae.runtime.files import write_text_atomic
 
 PathLike = Union[str, os.PathLike]
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says why."""
 
 
 def load_yaml(path: PathLike) -> Dict[str, Any]:
@@ -226,3 +225,43 @@ def normalise_reference_flags(argv: Sequence[str], boolean_flags: Sequence[str],
         out.append(item)
         i += 1
     return out
+
+
+# ---------------------------------------------------------------- a command's command line
+@dataclass(frozen=True)
+class Flags:
+    """How a command's flags are read besides `--key value` (the reference release's names and forms).
+
+    Args:
+        aliases: other flag names -> config keys (`--model` -> size).
+        boolean: flags that may stand alone (`--dry_run` means true).
+        ignored: the reference's flags without meaning here, accepted and dropped.
+        ignored_with_value: the same, for flags that take a value (`--dist_url env://`).
+    """
+
+    aliases: Dict[str, str]
+    boolean: Tuple[str, ...]
+    ignored: Tuple[str, ...] = ()
+    ignored_with_value: Tuple[str, ...] = ()
+
+
+def read_command_line(argv: Optional[Sequence[str]], doc: str, flags: Flags,
+                      positionals: int) -> Tuple[List[str], Dict[str, Any], List[str]]:
+    """(leading positional arguments, {dotted key: value} overrides, extra --config files); -h prints `doc`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        sys.exit(0)
+    names, rest = split_positionals(argv, positionals)
+    standalone = flags.boolean + flags.ignored
+    overrides = parse_overrides(normalise_reference_flags(rest, standalone, flags.ignored_with_value),
+                                flags.aliases, standalone)
+    for key in flags.ignored + flags.ignored_with_value:
+        overrides.pop(key, None)
+    extra_files = overrides.pop("config", None) or []
+    return names, overrides, [extra_files] if isinstance(extra_files, str) else list(extra_files)
+
+
+def layered_settings(files: Sequence[Path], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """YAML files merged in order, then the command-line overrides (unknown keys are errors)."""
+    return apply_overrides(load_config(files), overrides)

@@ -1,7 +1,7 @@
 """The device settings of a training run, in one place: CUDA defaults, fused AdamW, torch.compile.
 
-Both commands (fcmae/main_pretrain.py, finetune/main_finetune.py) and the GPU
-check's bench (fcmae/gpu_check.py) call `configure_device` once the device is
+Both commands (fcmae.pretrain.main, finetune.main_finetune) and the GPU
+check's bench (fcmae.tools.gpu_check) call `configure_device` once the device is
 known, build AdamW with `fused=adamw_fused(model)`, and compile with
 `compile_model`, so the measured numbers are those of a training run.
 
@@ -20,16 +20,16 @@ had not finished after 5 minutes on a 2-core machine).
 
 On both: fused AdamW, one kernel for the whole update instead of a few per
 tensor. On the 2-core CPU it takes a quarter of the for-loop AdamW's time
-(base: 75 ms against 277 ms per step; BENCHMARKS.md, issue 13).
+(base: 75 ms against 277 ms per step; docs/benchmarks-history.md).
 
 Not applied: channels-last memory format. The sparse encoder already keeps
 its features channels-last ((N, K, p, p, C) patches for `torch`, (N, H, W,
-C) maps for `dense-masked`; sparse/sites.py), so the format has nothing to
+C) maps for `dense-masked`; sparse.sites), so the format has nothing to
 change there. Fine-tuning's dense timm model could use it, but timm's
 ConvNeXt block permutes to channels-last around its norm and MLP itself,
 and the gain is unmeasured. Pinned memory with non_blocking copies is
 the loaders' part (`fcmae.runtime.loader.train_loader`, the commands' loss
-functions, finetune/engine.py's evaluation).
+functions, finetune.engine's evaluation).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from fcmae.runtime import distributed
-from fcmae.runtime.config import ConfigError
+from fcmae.runtime.errors import ConfigError
 
 
 def configure_device(device: torch.device, tf32: bool = True) -> None:
@@ -76,7 +76,7 @@ def use_compile(setting: Optional[bool], device: torch.device) -> bool:
 
 def check_compile_backend(backend: str) -> None:
     """A ConfigError unless `backend` is one of torch.compile's backends."""
-    import torch._dynamo
+    import torch._dynamo  # the compiler stack loads only when a backend is checked
 
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:

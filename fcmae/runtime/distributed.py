@@ -5,11 +5,11 @@ group is initialised from the environment that the launcher leaves:
 
 - torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 - SLURM (srun, one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
-  with MASTER_ADDR/MASTER_PORT exported by fcmae/runtime/launch.py (or the first
+  with MASTER_ADDR/MASTER_PORT exported by fcmae.runtime.launch.launcher (or the first
   host of SLURM_JOB_NODELIST and port 29500 when unset). Only inside an srun
   step (or with the launcher's FCMAE_SLURM_RANKS=1): the batch shell of
   `sbatch --ntasks-per-node 8` has SLURM_PROCID=0 and SLURM_NTASKS=8 too, and
-  a plain `python -m ...` there is one process (fcmae/runtime/slurm.py);
+  a plain `python -m ...` there is one process (fcmae.runtime.launch.slurm);
 - neither: a single process, no process group.
 
 NCCL is used on CUDA devices, gloo on CPU. A collective that waits longer
@@ -31,12 +31,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from fcmae.runtime import slurm
-from fcmae.runtime.config import ConfigError
-
-
-class DeviceError(RuntimeError):
-    """The requested device is not there (e.g. --device cuda without a GPU); a one-line error."""
+from fcmae.runtime.errors import ConfigError, DeviceError
+from fcmae.runtime.launch import slurm
 
 
 @dataclass

@@ -32,17 +32,12 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, List, Optional, Union
 
+from fcmae.runtime.errors import DiskFullError
+
 PathLike = Union[str, os.PathLike]
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _TEMPORARY = re.compile(r"^\..+\.tmp$|^\.write-test-")  # write_atomic's, save_checkpoint's link, the probe
-
-
-class DiskFullError(OSError):
-    """No space (or quota) left while writing a file; the message says where and how much."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def host_name() -> str:

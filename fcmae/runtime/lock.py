@@ -32,15 +32,12 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from fcmae.runtime.checkpoint import check_writable
+from fcmae.runtime.errors import LockError
 from fcmae.runtime.files import host_name, pid_alive, remove_stale_temporaries
 
 LOCK_NAME = ".fcmae.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
-
-
-class LockError(RuntimeError):
-    """The output folder is in use by another run; the message names it."""
 
 
 def _start_time(pid: int) -> Optional[str]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from fcmae.runtime.distributed import get_rank
 from fcmae.runtime.files import disk_full_error, write_text_atomic
 
 PathLike = Union[str, os.PathLike]
@@ -19,8 +20,6 @@ PathLike = Union[str, os.PathLike]
 def log(message: str, main_only: bool = True, rank: Optional[int] = None) -> None:
     """Print a line (only on rank 0 when `main_only`), flushed at once."""
     if rank is None:
-        from fcmae.runtime.distributed import get_rank
-
         rank = get_rank()
     if not main_only or rank == 0:
         print(message, flush=True)
@@ -125,7 +124,7 @@ class TensorBoard:
         self.writer = None
         if enabled and log_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: logging goes on without it
             except ImportError:  # tensorboard is optional at run time
                 log("tensorboard is not installed; TensorBoard logging is off")
                 return

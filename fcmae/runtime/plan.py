@@ -23,14 +23,11 @@ effective batch differs from the target. The lr is blr x effective batch /
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from fcmae.runtime.config import ConfigError
-
-
-class PlanError(ConfigError):
-    """Settings that cannot be planned for this world size or data set; the message names what to change."""
+from fcmae.runtime.errors import PlanError
 
 
 @dataclass(frozen=True)
@@ -136,3 +133,26 @@ def plan_lines(cfg, plan: Plan, data: str, images: str = "images") -> List[str]:
                      f"{plan.total_steps} in all ({plan.warmup_steps} warmup)")
     lines.append(f"  output           {cfg.output_dir}")
     return lines
+
+
+# ---------------------------------------------------------------- the lr schedule
+# Linear warmup, then cosine decay to min_lr, per optimizer step. Param groups may carry an `lr_scale`
+# (layer-wise decay in fine-tuning), which `set_lr` multiplies in.
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """lr at optimizer step `step` (0-based) of `total_steps`.
+
+    Warmup rises linearly from base_lr/warmup_steps (step 0) to base_lr; the
+    cosine then falls from base_lr to min_lr at the last step.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set every param group's lr to lr * group's `lr_scale` (1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

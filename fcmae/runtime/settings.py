@@ -8,8 +8,8 @@ field's `setting(...)` metadata; `validate()` then checks what involves
 several settings. After that the config is read by attribute and never
 changed; `to_dict()` gives plain types for config.yaml and checkpoints.
 
-`TrainConfig` holds the settings both commands share; fcmae/pretrain_config.py's
-PretrainConfig and finetune/config.py's FinetuneConfig extend it. Defaults
+`TrainConfig` holds the settings both commands share; fcmae.pretrain.config's
+PretrainConfig and finetune.config's FinetuneConfig extend it. Defaults
 live in configs/<command>/defaults.yaml only, so fields have none here.
 """
 
@@ -21,7 +21,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
-from fcmae.runtime.config import ConfigError, parse_value
+from fcmae.runtime.config import parse_value
+from fcmae.runtime.errors import ConfigError
 
 AMP_MODES = ("bf16", "fp16", "off")
 C = TypeVar("C", bound="TrainConfig")
@@ -170,14 +171,14 @@ class TrainConfig:
     amp: str = setting(parse=parse_amp)
     device: str
     # GPU
-    compile: Optional[bool] = setting(parse=parse_auto)  # None = auto: on CUDA only (fcmae/runtime/device.py)
+    compile: Optional[bool] = setting(parse=parse_auto)  # None = auto: on CUDA only (fcmae.runtime.device)
     compile_backend: str
     tf32: bool
     seed: int
     output_dir: str
     log_dir: str
     resume: Optional[str] = setting(parse=parse_optional_path)  # 'auto', a path, or None
-    allow_config_change: bool  # resume although settings that change the run differ (fcmae/runtime/resume_check.py)
+    allow_config_change: bool  # resume although settings that change the run differ (fcmae.runtime.resume)
     print_every: int = setting(1)
     save_every: int = setting(0)
     keep_checkpoints: int = setting(0)
@@ -190,12 +191,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks across settings (each field's own checks ran in build_config)."""
-        from sparse.sizes import resolve_arch
-
-        try:
-            resolve_arch(self.size, self.depths, self.dims)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
 

@@ -1,7 +1,7 @@
 """Graceful stop on SIGTERM / SIGUSR1 (SLURM pre-emption, `scancel`, `kill`).
 
 The handler only records the request; the training loop polls it
-(fcmae.runtime.trainer.Trainer.should_stop) after every iteration, saves a
+(fcmae.runtime.stepping.StopAgreement) after every iteration, saves a
 checkpoint and exits with code 0. In multi-process runs the flag is agreed
 on by all ranks, so every process stops at the same step even if only one
 received the signal.

@@ -1,11 +1,16 @@
 """The training loop both commands share: one `Trainer`, one epoch loop.
 
-A command builds its data, model and optimizer, then (as in main_pretrain.py):
+A command builds its data, model, optimizer and step function, then:
 
-    trainer = Trainer(model, optimizer, loss_fn, LoopSettings.of(cfg, plan), info, cfg.output_dir,
-                      cfg.log_dir, cfg.to_dict(), scaler=grad_scaler(device, cfg.amp))
+    trainer = Trainer(model, optimizer, step_fn, LoopSettings.of(cfg, plan), info, cfg.output_dir,
+                      cfg.log_dir, cfg.to_dict(), scaler=grad_scaler(device, cfg.amp), bad_inputs=tracker)
     trainer.restore(saved, path, cfg.seed)           # when resuming
     finished = trainer.fit(loader, end_epoch)        # False when stopped by a signal
+
+One iteration (`train_one_epoch`): the lr of the optimizer step, the batch's
+unreadable files counted, `step_fn(model, inputs)` under autocast, backward;
+every `update_freq` iterations an optimizer step; then the processes agree
+whether to stop (fcmae.runtime.stepping.StopAgreement).
 
 The loop counts two kinds of steps:
 - iterations: one batch through the model per process;
@@ -16,27 +21,17 @@ The loop counts two kinds of steps:
 
 A stop (SIGTERM / SIGUSR1, fcmae.runtime.signals) is seen after the
 iteration during which it arrived. Between boundaries the run goes back to
-the last one (the partial gradients are dropped; the RNG state and epoch
-loss sums of the boundary are kept for this), so the checkpoint is written
-at once, not `update_freq` iterations later. A stop in an epoch's last
-iteration is saved before the epoch's evaluation (`end_epoch`), which the
-resumed run then does. The process then exits 0; under SLURM with
-`--requeue`, rank 0 first requeues the job (fcmae/runtime/slurm.py). An
+the last one (fcmae.runtime.stepping.AccumulationWindow), so the checkpoint
+is written at once, not `update_freq` iterations later. A stop in an epoch's
+last iteration is saved before the epoch's evaluation (`end_epoch`), which
+the resumed run then does. The process then exits 0; under SLURM with
+`--requeue`, rank 0 first requeues the job (fcmae.runtime.launch.slurm). An
 evaluation that fails (an unreadable validation image) saves the same
 checkpoint before the error leaves (`_end_epoch`).
-
-`should_stop` is the one place where the processes agree on stopping (one
-all-reduce per iteration with several processes; with one, a flag read per
-iteration and one host sync per optimizer step); further reasons to stop go
-there. A failure that one rank meets (a non-finite loss, too many unreadable
-images: see `fail_at_next_check`) is only a flag until then; it is reduced
-with the stop flag, so every rank raises the same error at the same step
-instead of the others waiting in DDP's all-reduce.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -48,16 +43,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import distributed, slurm
+from fcmae.runtime import distributed
 from fcmae.runtime.device import autocast_context
+from fcmae.runtime.errors import CheckpointError, NonFiniteLossError
+from fcmae.runtime.launch import slurm
 from fcmae.runtime.logs import JsonlLogger, ProgressMeter, TensorBoard, log
-from fcmae.runtime.plan import Plan
-from fcmae.runtime.schedule import cosine_lr, set_lr
+from fcmae.runtime.plan import Plan, cosine_lr, set_lr
 from fcmae.runtime.signals import STOP, StopRequest
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step."""
+from fcmae.runtime.stepping import AccumulationWindow, StopAgreement
 
 
 @dataclass
@@ -108,7 +101,7 @@ class Trainer:
     Args:
         model: the model without DDP (the trainer wraps it when there are several processes).
         optimizer: its optimizer; param groups may carry `lr_scale` (layer decay).
-        loss_fn: (model, batch) -> loss; moves the batch to the device, runs under autocast.
+        step_fn: (model, inputs) -> loss: moves the inputs to the device and runs the model (under autocast).
         settings: the loop's numbers (LoopSettings.of(cfg, plan)).
         info: this process's place in the process group.
         output_dir: checkpoints and log.jsonl go here.
@@ -119,26 +112,28 @@ class Trainer:
         extra_state: () -> dict of the command's own checkpoint entries.
         compile_fn: model -> the module the loop runs (torch.compile'd; fcmae.runtime.device.compile_model),
             applied before DDP wraps it; checkpoints keep `model`'s plain parameter names.
+        bad_inputs: counts the unreadable files each batch skipped and stops the run when there are too many
+            (fcmae.data.folder.BadImageTracker: `report(bad, fail)`), or None.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], settings: LoopSettings,
+                 step_fn: Callable[[torch.nn.Module, Any], torch.Tensor], settings: LoopSettings,
                  info: distributed.DistInfo, output_dir, log_dir, config: Dict[str, Any],
                  scaler: Optional[torch.amp.GradScaler] = None,
                  after_step: Optional[Callable[[torch.nn.Module, int], None]] = None,
                  extra_state: Optional[Callable[[], Dict[str, Any]]] = None,
-                 compile_fn: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None):
-        self.model, self.optimizer, self.loss_fn, self.settings = model, optimizer, loss_fn, settings
+                 compile_fn: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+                 bad_inputs=None):
+        self.model, self.optimizer, self.step_fn, self.settings = model, optimizer, step_fn, settings
         self.info, self.device = info, info.device
         self.output_dir, self.log_dir, self.config = Path(output_dir), log_dir, config
         self.scaler, self.after_step, self.extra_state = scaler, after_step, extra_state
+        self.bad_inputs = bad_inputs
         self.state = RunState()
         # The process's stop request when a command installed it before its imports; else (in-process
         # callers such as tests) one of this trainer's own, installed while fit() runs.
         self.stop = STOP if STOP.installed else StopRequest()
-        self._exit_requested = False  # `exit_after_steps` reached (a test's stand-in for a pre-emption)
-        self._unchecked = []  # (loss tensor, epoch, iteration, optimizer step) since the last stop check
-        self._failure: Optional[BaseException] = None  # raised on every rank at the next stop check
+        self.agreement = StopAgreement(info, self.stop, settings.exit_after_steps)
         self.jsonl: Optional[JsonlLogger] = None  # set while fit() runs
         self.tb: Optional[TensorBoard] = None
         runner = compile_fn(model) if compile_fn is not None else model
@@ -153,7 +148,7 @@ class Trainer:
         """Load model, optimizer, scaler, run state and this process's RNG state and epoch loss from a checkpoint.
 
         Every rank must restore the same checkpoint (commands pick it with
-        fcmae.runtime.command.resume_checkpoint); a CheckpointError on every
+        fcmae.runtime.resume.resume_checkpoint); a CheckpointError on every
         rank when their steps differ.
         """
         self.model.load_state_dict(saved["model"])
@@ -168,7 +163,7 @@ class Trainer:
         self.state = RunState(**saved["run_state"])
         steps = distributed.all_gather_object((self.state.step, str(path)))
         if len({step for step, _ in steps}) > 1:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 "the processes resumed different checkpoints: " + ", ".join(
                     f"rank {rank} step {step} ({where})" for rank, (step, where) in enumerate(steps))
                 + "; the output directory must be one folder that every node sees")
@@ -208,68 +203,9 @@ class Trainer:
 
     # ------------------------------------------------------------ the run
     def fail_at_next_check(self, error: Exception) -> None:
-        """Stop every rank at the next `should_stop` with `error` (the first one a rank records counts).
+        """Stop every rank at the next check with `error` (StopAgreement.fail_at_next_check)."""
+        self.agreement.fail_at_next_check(error)
 
-        For failures one rank may meet alone (too many unreadable images):
-        raising at once would leave the other ranks waiting in a collective.
-        `error` must pickle and take its message as its one argument (it is
-        sent to the other ranks).
-        """
-        if self._failure is None:
-            self._failure = error
-
-    def should_stop(self, boundary: bool = True) -> bool:
-        """True on every rank once any rank was asked to stop; raises on every rank once any rank failed.
-
-        Called after every iteration (`boundary`: an optimizer step was just
-        taken). With one process and between optimizer steps it only reads the
-        stop flag: no host sync. Otherwise one all-reduce of [stop requested,
-        non-finite loss, other failure] and one host sync; the losses since
-        the last check are added to the epoch's running sum here. When some
-        rank saw a non-finite loss or recorded a failure, every rank raises the
-        lowest such rank's error (NonFiniteLossError, or what
-        `fail_at_next_check` got) with the same message.
-        """
-        s, state = self.settings, self.state
-        if s.exit_after_steps is not None and state.step >= s.exit_after_steps:
-            self._exit_requested = True  # stops like a signal, but is none: no SLURM requeue follows
-        asked = self.stop.received is not None or self._exit_requested
-        if self.info.world_size == 1 and not boundary and self._failure is None:
-            return asked
-        pending, self._unchecked = self._unchecked, []
-        losses = torch.stack([loss for loss, *_ in pending]) if pending else torch.zeros(0, device=self.device)
-        flags = torch.tensor([float(asked), 0.0, float(self._failure is not None)])
-        flags = flags.to(losses.device)
-        flags[1] = (~torch.isfinite(losses)).any()
-        flags = distributed.all_reduce_max(flags, self._reduce_device())
-        values = torch.cat([flags.float().to(losses.device), losses]).tolist()  # the one host sync
-        stop, non_finite, failed, local_losses = values[0], values[1], values[2], values[3:]
-        for value in local_losses:
-            state.epoch_loss_sum += value
-            state.epoch_loss_count += 1
-        if non_finite or failed:
-            self._raise_agreed_failure(pending, local_losses)
-        return stop > 0
-
-    def _raise_agreed_failure(self, pending, local_losses) -> None:
-        """Raise, on every rank, the error of the lowest rank that met one."""
-        error = self._failure
-        if error is None:
-            for (_, epoch, iteration, step), value in zip(pending, local_losses):
-                if not math.isfinite(value):
-                    error = NonFiniteLossError(f"loss is {value} at epoch {epoch + 1}, iteration {iteration} "
-                                               f"(optimizer step {step}); training stopped")
-                    break
-        found = distributed.first_error(error)
-        if found is None:  # cannot happen: the rank that raised a flag has its error
-            raise RuntimeError("a rank flagged a failure but none reported it")
-        rank, error = found
-        if self.info.world_size > 1:
-            error = type(error)(f"rank {rank} of {self.info.world_size}: {error}")
-        raise error
-
-    def _reduce_device(self) -> Optional[torch.device]:
-        return self.device if self.device.type == "cuda" else None
 
     def fit(self, loader: DataLoader, end_epoch: Callable[[float], None]) -> bool:
         """Train from `self.state` to the last epoch; False when stopped by a signal (a checkpoint is saved).
@@ -296,7 +232,7 @@ class Trainer:
                     self._stop_and_save()
                     return False
                 local = self.state.epoch_loss_sum / max(self.state.epoch_loss_count, 1)
-                self._end_epoch(end_epoch, distributed.all_reduce_mean(local, self._reduce_device()))
+                self._end_epoch(end_epoch, distributed.all_reduce_mean(local, self.agreement.reduce_device()))
                 self.state.epoch += 1
                 self.state.iteration = 0
                 self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
@@ -313,52 +249,60 @@ class Trainer:
         return True
 
     def train_one_epoch(self, loader, progress: ProgressMeter) -> bool:
-        """The rest of epoch `state.epoch` from `state.iteration`; False when a stop was requested."""
+        """The rest of epoch `state.epoch` from `state.iteration`; False when a stop was requested.
+
+        The loader yields (inputs, bad): `bad` lists the unreadable files that
+        were skipped for this batch (counted by `bad_inputs`), `inputs` goes to
+        `step_fn`.
+        """
         model, state, s = self.ddp_model, self.state, self.settings
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        window = AccumulationWindow(s.update_freq)
         lr = cosine_lr(state.step, s.total_steps, s.warmup_steps, s.lr, s.min_lr)
         step_losses = []  # this optimizer step's micro-batch losses (on the device)
-        last_boundary = None  # what a stop between optimizer steps goes back to
-        for batch in loader:
+        for inputs, bad in loader:
             if state.iteration >= s.iters_per_epoch:
                 break
-            if state.iteration % s.update_freq == 0:
+            if window.opens_at(state.iteration):
                 lr = cosine_lr(state.step, s.total_steps, s.warmup_steps, s.lr, s.min_lr)
                 set_lr(self.optimizer, lr)
-                if s.update_freq > 1:
-                    last_boundary = (state.iteration, state.epoch_loss_sum, state.epoch_loss_count, ckpt.rng_state())
-            boundary = (state.iteration + 1) % s.update_freq == 0
-            sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else nullcontext()
-            with sync:
-                with autocast_context(self.device, s.amp):
-                    loss = self.loss_fn(model, batch)
-                # Checked in should_stop, with the other ranks' losses: no host sync here.
-                self._unchecked.append((loss.detach().float(), state.epoch, state.iteration, state.step + 1))
-                step_losses.append(self._unchecked[-1][0])
-                loss = loss / s.update_freq
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                window.open(state)
+            if bad and self.bad_inputs is not None:
+                self.bad_inputs.report(bad, self.fail_at_next_check)
+            boundary = window.closes_at(state.iteration)
+            step_losses.append(self._forward_backward(model, inputs, boundary))
             state.iteration += 1
             if boundary:
                 self._optimizer_step()
-            stop = self.should_stop(boundary)  # before the progress line, which a non-finite loss must not reach
+            # before the progress line, which a non-finite loss must not reach
+            stop = self.agreement.check(state, state.step, boundary)
             if boundary:
                 if state.iteration % (s.print_every * s.update_freq) == 0 or state.iteration == s.iters_per_epoch:
                     self._log_progress(progress, torch.stack(step_losses).mean(), lr)
                 step_losses = []
             if stop:
                 if not boundary:
-                    self._back_to(last_boundary)
+                    window.roll_back(state, self.optimizer, self.agreement)
                 return False
         return True
 
-    def _back_to(self, boundary) -> None:
-        """Drop the iterations since the last optimizer step (their gradients, RNG draws and losses)."""
-        state = self.state
-        state.iteration, state.epoch_loss_sum, state.epoch_loss_count, rng = boundary
-        self._unchecked = []  # losses of the dropped iterations (single process: not yet checked)
-        ckpt.set_rng_state(rng)
-        self.optimizer.zero_grad(set_to_none=True)
+    def _forward_backward(self, model: torch.nn.Module, inputs, boundary: bool) -> torch.Tensor:
+        """One micro-batch: the step function under autocast, then the scaled backward; returns the loss.
+
+        Between optimizer steps DDP skips its gradient all-reduce (`no_sync`).
+        The loss is checked later, with the other ranks' (StopAgreement): no host sync here.
+        """
+        s, state = self.settings, self.state
+        sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else nullcontext()
+        with sync:
+            with autocast_context(self.device, s.amp):
+                loss = self.step_fn(model, inputs)
+            value = self.agreement.record(loss, state.epoch, state.iteration, state.step + 1)
+            loss = loss / s.update_freq
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return value
+
 
     def _end_epoch(self, end_epoch: Callable[[float], None], mean_loss: float) -> None:
         """`end_epoch`; should it fail (an unreadable validation image), the epoch's training is saved first.
@@ -421,7 +365,7 @@ class Trainer:
         over processes.
         """
         state, s = self.state, self.settings
-        mean_loss = float(distributed.all_reduce_mean(step_loss, self._reduce_device()))
+        mean_loss = float(distributed.all_reduce_mean(step_loss, self.agreement.reduce_device()))
         rates = progress.line(state.epoch, s.epochs, state.iteration, s.iters_per_epoch,
                               state.epoch * s.iters_per_epoch + state.iteration, {"loss": mean_loss, "lr": lr})
         record = {"epoch": state.epoch, "iteration": state.iteration, "step": state.step, "loss": mean_loss,
