@@ -10,13 +10,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 from fcmae.data.folder import MAX_IN_CHANS
 from fcmae.data.image_io import LAYOUTS
 from fcmae.data.stats import MeanStd, check_mean_std_setting, parse_mean_std
 from fcmae.pretrain.config import check_arch, check_size
-from fcmae.runtime.config import Flags, config_root, layered_settings, read_command_line
+from fcmae.runtime.config import (
+    Flags,
+    config_root,
+    default_output_dir,
+    layered_settings,
+    load_yaml,
+    named_config,
+    read_command_line,
+)
 from fcmae.runtime.errors import ConfigError
 from fcmae.runtime.settings import TrainConfig, build_config, parse_optional_path, setting
 from finetune.optim import LAYER_DECAY_TYPES
@@ -25,7 +33,8 @@ from finetune.optim import LAYER_DECAY_TYPES
 # distributed and exact; pinning is automatic; ImageNet is just an image folder).
 FLAGS = Flags(
     aliases={"model": "size", "nb_classes": "num_classes", "accum_iter": "update_freq", "save_ckpt_freq": "save_every"},
-    boolean=("dry_run", "demo", "eval", "model_ema", "model_ema_eval", "use_amp", "allow_config_change", "compile"),
+    boolean=("dry_run", "demo", "eval", "model_ema", "model_ema_eval", "use_amp", "allow_config_change", "compile",
+             "drop_last"),
     ignored=("pin_mem", "no_pin_mem", "dist_eval", "dist_on_itp", "auto_resume", "disable_eval",
              "model_ema_force_cpu"),
     ignored_with_value=("data_set", "dist_url", "local_rank", "start_epoch"),
@@ -52,6 +61,7 @@ class FinetuneConfig(TrainConfig):
     demo_train_per_photo: int = setting(1)
     demo_val_per_photo: int = setting(1)
     max_bad_fraction: float = setting(0.0, 1.0, high_open=True)
+    drop_last: bool  # false: each epoch trains on its last, partial batch too (fcmae.runtime.plan)
     aa: Optional[str]
     color_jitter: Optional[float] = setting(0.0)
     reprob: float = setting(0.0, 1.0)
@@ -76,6 +86,9 @@ class FinetuneConfig(TrainConfig):
     mean: MeanStd = setting(parse=parse_mean_std)
     std: MeanStd = setting(parse=parse_mean_std)
     layout: str = setting(choices=LAYOUTS)
+    # The settings the user chose (command line, --config files, demo.yaml), as opposed to the defaults'; a
+    # checkpoint's stored values replace only the others (finetune.checkpoint_settings). Not saved.
+    given: Tuple[str, ...]
 
     def validate(self) -> None:
         super().validate()
@@ -88,6 +101,12 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("no data: give a folder with train/<class>/ and val/<class>/ with --data_path, or run "
                               "the built-in labelled demo with --demo")
 
+    def to_dict(self) -> Dict[str, Any]:
+        """TrainConfig's, without `given` (where a value came from is not a setting of the run)."""
+        settings = super().to_dict()
+        del settings["given"]
+        return settings
+
     @property
     def mixes(self) -> bool:
         """Whether Mixup or CutMix is on (they need an even per-GPU batch)."""
@@ -98,9 +117,18 @@ def finetune_config_dir() -> Path:
     return config_root() / "finetune"
 
 
+def given_keys(overrides: Dict[str, Any], chosen_files: Sequence[Path]) -> Set[str]:
+    """The settings set on the command line or in the files the user chose (demo.yaml, --config FILE)."""
+    keys = set(overrides)
+    for path in chosen_files:
+        keys.update(load_yaml(path))
+    return keys
+
+
 def resolve_config(argv: Optional[Sequence[str]] = None, doc: str = __doc__) -> FinetuneConfig:
     """The command line (`SIZE [CHECKPOINT] [--key value ...]`, or the reference's flags) -> FinetuneConfig."""
     positionals, overrides, extra_files = read_command_line(argv, doc, FLAGS, 2)
+    extra_files = [named_config(name, finetune_config_dir()) for name in extra_files]  # --config small
     if "use_amp" in overrides and not overrides.pop("use_amp"):
         overrides["amp"] = "off"
     size = check_size(positionals[0] if positionals else overrides.get("size"),
@@ -113,9 +141,12 @@ def resolve_config(argv: Optional[Sequence[str]] = None, doc: str = __doc__) -> 
     if overrides.get("demo"):
         files.append(root / "demo.yaml")
     values = layered_settings(files + list(extra_files), overrides)
+    values["given"] = sorted(given_keys(overrides, files[2:] + list(extra_files)))
     values["size"] = check_size(values["size"], "")
     if not values.get("output_dir"):
-        values["output_dir"] = os.path.join("output", "finetune", values["size"] + ("_demo" if values["demo"] else ""))
+        data_path = parse_optional_path(values["data_path"])
+        values["output_dir"] = (default_output_dir("finetune", values["size"], data_path) if data_path
+                                else os.path.join("output", "finetune", values["size"] + "_demo" * values["demo"]))
     if not values.get("log_dir"):
         values["log_dir"] = os.path.join(str(values["output_dir"]), "tensorboard")
     return build_config(FinetuneConfig, values)

@@ -4,11 +4,12 @@ The training loop is shared with pre-training (fcmae.runtime.trainer.Trainer):
 it runs `ClassificationStep` once per iteration.
 """
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
 from fcmae.data.image_io import UnreadableImageError
+from fcmae.eval.knn import has_top5
 from fcmae.runtime import distributed
 from fcmae.runtime.device import autocast_context
 
@@ -38,15 +39,20 @@ class ClassificationStep:
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "off") -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole (sharded) validation set.
 
-    An unreadable image (finetune.data) stops every process with its name.
+    Returns {"acc1", "acc5", "loss", "count"}; "acc5" only with more than 5 classes (fcmae.eval.knn.has_top5:
+    the model's `num_classes`, else the logits' width). An unreadable image (finetune.data) stops every
+    process with its name.
     """
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
     count = 0
+    classes = getattr(model, "num_classes", None)  # timm's classifiers have it
     error = None
     try:
         for images, targets in loader:
-            count += _evaluate_batch(model, images, targets, device, amp, sums)
+            size, width = _evaluate_batch(model, images, targets, device, amp, sums)
+            count += size
+            classes = classes or width
     except UnreadableImageError as e:  # met by this rank alone: the others must not wait for it below
         error = e
     distributed.raise_first_error(error)
@@ -57,12 +63,13 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
         torch.distributed.all_reduce(sums)
     loss, top1, top5, count = sums.tolist()
     count = max(count, 1.0)
-    return {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss / count, "count": int(count)}
+    top5 = {"acc5": 100.0 * top5 / count} if classes and has_top5(classes) else {}
+    return {"acc1": 100.0 * top1 / count, **top5, "loss": loss / count, "count": int(count)}
 
 
 def _evaluate_batch(model: torch.nn.Module, images, targets, device: torch.device, amp: str,
-                    sums: torch.Tensor) -> int:
-    """Adds the batch's loss sum, top-1 and top-5 hits to `sums`; returns its size."""
+                    sums: torch.Tensor) -> Tuple[int, int]:
+    """Adds the batch's loss sum, top-1 and top-5 hits to `sums`; returns its size and the number of classes."""
     images = images.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
     with autocast_context(device, amp):
@@ -74,4 +81,4 @@ def _evaluate_batch(model: torch.nn.Module, images, targets, device: torch.devic
         hits[:, 0].sum(),
         hits.any(dim=1).sum(),
     ]).double()
-    return len(targets)
+    return len(targets), logits.shape[1]

@@ -6,7 +6,13 @@
 
 CKPT is an FCMAE checkpoint, converted weights (.pth or .safetensors), or
 `none` (random weights of --size, the baseline). D holds train/<class>/ and
-val/<class>/ with the same classes.
+val/<class>/ with the same classes. The input size, crop_pct, channels,
+normalisation and .npy layout are those stored in CKPT's config (training
+checkpoints of pre-training and fine-tuning store it; a pre-training
+checkpoint is evaluated as its kNN monitor saw the folder), else 224, 0.875,
+3 channels and ImageNet's; --input_size and --crop_pct win, with a note
+when they differ from the checkpoint's; --demo reads the demo set at its
+own size.
 
 The features, the weighted kNN (k nearest training images, votes
 exp(cosine similarity / T), as in DINO) and the distributed evaluation
@@ -18,22 +24,29 @@ folder checks), shared with fcmae-linprobe.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first thing: a Ctrl-C while the modules below load is one line, not a traceback
+    from fcmae.runtime.signals import quiet_ctrl_c
+
+    quiet_ctrl_c()
+
 import argparse
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from fcmae.data import labelled
 from fcmae.data.folder import DataError
-from fcmae.eval.knn import knn_evaluate, make_loaders
+from fcmae.data.stats import IMAGENET_MEAN, IMAGENET_STD
+from fcmae.eval.knn import EVAL_CROP_PCT, knn_evaluate, make_loaders
 from fcmae.runtime import distributed
 from fcmae.runtime.command import run_cli
-from fcmae.runtime.config import config_root, load_config, parse_value
+from fcmae.runtime.config import config_root, load_config, parse_args_suggesting, parse_value
 from fcmae.runtime.errors import UsageError
 from fcmae.weights.layouts import ConversionError
 from finetune import data as ftdata
-from finetune.model import load_backbone
+from finetune.checkpoint_settings import PROBE_KEYS, settings_from_checkpoint, stored_config
+from finetune.model import load_backbone, read_pretrained
 
-__all__ = ["add_common_args", "command_parser", "prepare", "main"]
+__all__ = ["add_common_args", "command_parser", "prepare", "evaluated_at", "main"]
 
 
 # ---------------------------------------------------------------- command line (shared with linprobe)
@@ -51,9 +64,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default=None, help="model size (default: the checkpoint's; atto for none)")
     p.add_argument("--depths", type=_int_list, default=None, help="custom depths (tests), e.g. '[1, 1, 1, 1]'")
     p.add_argument("--dims", type=_int_list, default=None, help="custom dims (tests), e.g. '[8, 16, 16, 16]'")
-    p.add_argument("--input_size", type=int, default=None, help="image side (default 224; demo: 64)")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="image side (default: the checkpoint's, else 224; demo: 64)")
     p.add_argument("--crop_pct", type=float, default=None, help="resize to input_size / crop_pct, centre crop "
-                                                                 "(default 0.875; demo 1.0)")
+                                                                 "(default: the checkpoint's, else 0.875; demo 1.0)")
     p.add_argument("--batch_size", type=int, default=64, help="images per process for feature extraction")
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -68,55 +82,92 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def data_config(args) -> Dict:
-    """Input size, crop and root of the data, from the flags (and configs/finetune/demo.yaml with --demo)."""
+    """Input size, crop, image format and root of the data, from the flags (and configs/finetune/demo.yaml with
+    --demo); `given` lists the settings the flags or the demo set fixed (a checkpoint's do not replace them)."""
 
     if args.demo == (args.data_path is not None):
         raise UsageError("give exactly one of --data_path D (with train/<class>/ and val/<class>/) and --demo")
-    cfg = {"input_size": 224, "crop_pct": 0.875}
-    if args.demo:
+    # The kNN monitor's crop (fcmae.eval.knn): a pre-training checkpoint, which stores no crop, is evaluated as
+    # the monitor saw it.
+    cfg = {"input_size": 224, "crop_pct": EVAL_CROP_PCT, "in_chans": 3, "mean": None, "std": None, "layout": "auto"}
+    given = set()
+    if args.demo:  # the demo set at its own size, as the pre-training demo's kNN monitor reads it
         folder = config_root() / "finetune"
-        cfg = load_config([folder / "defaults.yaml", folder / "demo.yaml"])
+        demo = load_config([folder / "defaults.yaml", folder / "demo.yaml"])
+        cfg.update(input_size=demo["input_size"], crop_pct=demo["crop_pct"])
+        given.update(("input_size", "crop_pct"))
     for key in ("input_size", "crop_pct"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+            given.add(key)
     if cfg["input_size"] < 32 or cfg["input_size"] % 32:
         raise UsageError(f"--input_size must be a positive multiple of 32, got {cfg['input_size']}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
 
-    cfg["root"] = ftdata.demo_root(cfg) if args.demo else Path(args.data_path).expanduser()
+    cfg["root"] = ftdata.demo_root(demo) if args.demo else Path(args.data_path).expanduser()
+    cfg["given"] = given
     return cfg
 
 
-def prepare(args):
-    """(dist info, frozen model, train loader, val loader, classes) for this rank; bad input fails before compute."""
+def with_checkpoint_settings(cfg: Dict, weights: Optional[Dict], checkpoint: str) -> Dict:
+    """`cfg` with the input size, crop, channels, normalisation and layout stored in the checkpoint's config
+    where not given (finetune.checkpoint_settings); `notes`: what to print about them. Without stored
+    values the normalisation is ImageNet's (3 channels)."""
+    found = settings_from_checkpoint(cfg, stored_config(weights), PROBE_KEYS, cfg["given"],
+                                     f"the checkpoint {checkpoint}")
+    cfg = {**cfg, **found.changes, "notes": found.lines()}
+    if cfg["mean"] is None or cfg["std"] is None:
+        if cfg["in_chans"] != 3:
+            raise UsageError(f"{checkpoint} stores no normalisation (mean/std) for its {cfg['in_chans']}-channel "
+                             "images; evaluate the checkpoint of the training run, which stores it")
+        cfg["mean"], cfg["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return cfg
+
+
+def prepare(args, command: str = "fcmae-knn"):
+    """(dist info, frozen model, train loader, val loader, classes, settings) for this rank; bad input fails before
+    compute, in messages that name `command`."""
 
     cfg = data_config(args)
-    classes = labelled.check_splits(cfg["root"])
+    classes = labelled.check_splits(cfg["root"], command)
     if len(classes) < 2:
         raise UsageError(f"{cfg['root']} has {len(classes)} class; kNN and linear probing need at least 2")
-    model = load_backbone(args.checkpoint, args.size, args.depths, args.dims, seed=args.seed)
+    random_weights = args.checkpoint is None or str(args.checkpoint).lower() == "none"
+    weights = None if random_weights else read_pretrained(args.checkpoint)
+    cfg = with_checkpoint_settings(cfg, weights, args.checkpoint)
+    model = load_backbone(args.checkpoint, args.size, args.depths, args.dims, seed=args.seed,
+                          in_chans=cfg["in_chans"], weights=weights, purpose=f"the model {command} evaluates")
+    del weights
     try:
         info = distributed.init_distributed(args.device)
     except RuntimeError as e:
         raise UsageError(str(e)) from None
     train_loader, val_loader = make_loaders(cfg["root"], classes, cfg["input_size"], cfg["crop_pct"], args.batch_size,
-                                            args.num_workers, info.rank, info.world_size, info.device)
+                                            args.num_workers, info.rank, info.world_size, info.device,
+                                            in_chans=cfg["in_chans"], mean=cfg["mean"], std=cfg["std"],
+                                            layout=cfg["layout"])
     return info, model.to(info.device), train_loader, val_loader, classes, cfg
 
 
 def describe(args, model, classes, cfg, loaders) -> str:
     depths, dims = model.arch
     images = [len(loader.dataset) for loader in loaders]
-    return (f"model  {args.checkpoint} (depths {list(depths)}, dims {list(dims)})\n"
-            f"data   {cfg['root']}: {len(classes)} classes, {images[0]} train / {images[1]} val images at "
-            f"{cfg['input_size']}x{cfg['input_size']}")
+    return "\n".join(cfg.get("notes", []) + [
+        f"model  {args.checkpoint} (depths {list(depths)}, dims {list(dims)})",
+        f"data   {cfg['root']}: {len(classes)} classes, {images[0]} train / {images[1]} val images at "
+        f"{evaluated_at(cfg)}; {cfg['in_chans']} channel(s), mean {list(cfg['mean'])}, std {list(cfg['std'])}"])
+
+
+def evaluated_at(cfg: Dict) -> str:
+    """The images' size and crop, for the result lines."""
+    return f"{cfg['input_size']}x{cfg['input_size']}, crop_pct {cfg['crop_pct']}"
 
 
 def run_command(prog: str, body, argv=None, build_parser=None) -> None:
     """Parse, run `body(args)`, print bad input as one line (exit 2); shared by fcmae-knn and fcmae-linprobe."""
 
-    args = build_parser().parse_args(argv)
+    args = parse_args_suggesting(build_parser(), argv)
 
     def run_and_clean_up() -> int:
         try:
@@ -144,8 +195,9 @@ def knn_main(args) -> int:
     result = knn_evaluate(model.forward_features, train_loader, val_loader, info.device, len(classes), args.k,
                           args.temperature)
     if info.is_main:
-        print(f"knn    k={args.k} T={args.temperature}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-              f"({result['count']} val images)", flush=True)
+        top5 = f"  top-5 {result['top5']:.2f}%" if "top5" in result else ""  # more than 5 classes only
+        print(f"knn    k={args.k} T={args.temperature}: top-1 {result['top1']:.2f}%{top5}  "
+              f"({result['count']} val images at {evaluated_at(cfg)}, checkpoint {args.checkpoint})", flush=True)
     return 0
 
 

@@ -21,6 +21,11 @@ over the ranks.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first thing: a Ctrl-C while the modules below load is one line, not a traceback
+    from fcmae.runtime.signals import quiet_ctrl_c
+
+    quiet_ctrl_c()
+
 import argparse
 import math
 from typing import Dict, List, Optional
@@ -29,9 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fcmae.eval.knn import extract_features, sum_over_ranks
+from fcmae.eval.knn import extract_features, has_top5, sum_over_ranks
 from fcmae.runtime.errors import UsageError
-from finetune.knn import command_parser, describe, prepare, run_command
+from finetune.knn import command_parser, describe, evaluated_at, prepare, run_command
 
 __all__ = ["LinearProbe", "train_probe", "evaluate_probe", "main"]
 
@@ -103,14 +108,18 @@ def train_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epo
 
 @torch.no_grad()
 def evaluate_probe(head: LinearProbe, feats: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    """Top-1 / top-5 (in %) over the validation rows of all ranks; {"top1", "top5", "count"}."""
+    """Top-1 / top-5 (in %) over the validation rows of all ranks; {"top1", "top5", "count"} ("top5" only with
+    more than 5 classes: fcmae.eval.knn.has_top5)."""
     head.eval()
     logits = head(feats) if feats.shape[0] else torch.zeros(0, head[1].out_features, device=feats.device)
     pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hits = pred == labels[:, None]
     correct1, correct5, count = sum_over_ranks([float(hits[:, 0].sum()), float(hits.any(dim=1).sum()),
                                                 feats.shape[0]], feats.device)
-    return {"top1": 100.0 * correct1 / max(count, 1), "top5": 100.0 * correct5 / max(count, 1), "count": int(count)}
+    result = {"top1": 100.0 * correct1 / max(count, 1)}
+    if has_top5(logits.shape[1]):
+        result["top5"] = 100.0 * correct5 / max(count, 1)
+    return {**result, "count": int(count)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,13 +137,15 @@ def linprobe_main(args) -> int:
     if args.epochs < 1 or args.head_batch_size < 2 or args.blr <= 0 or not 0 <= args.warmup_epochs <= args.epochs:
         raise UsageError("--epochs must be >= 1, --head_batch_size >= 2 (BatchNorm), --blr > 0, "
                          "0 <= --warmup_epochs <= --epochs")
-    info, model, train_loader, val_loader, classes, cfg = prepare(args)
+    info, model, train_loader, val_loader, classes, cfg = prepare(args, "fcmae-linprobe")
     if info.is_main:
         print(describe(args, model, classes, cfg, [train_loader, val_loader]), flush=True)
     train_feats, train_labels = extract_features(model.forward_features, train_loader, info.device, normalize=False)
     val_feats, val_labels = extract_features(model.forward_features, val_loader, info.device, normalize=False)
     if info.is_main:
-        print(f"cached {train_feats.shape[1]}-d features of this process's shards; training the head", flush=True)
+        images = (f"this process's shards of train/ and val/ ({info.world_size} processes)" if info.world_size > 1
+                  else f"the {len(train_feats)} training and {len(val_feats)} validation images")
+        print(f"cached {train_feats.shape[1]}-d features of {images}; training the head", flush=True)
 
     def log(epoch, loss, lr):
         if info.is_main and (epoch % args.print_every == 0 or epoch == args.epochs):
@@ -144,8 +155,9 @@ def linprobe_main(args) -> int:
                        args.warmup_epochs, args.seed, log)
     result = evaluate_probe(head, val_feats, val_labels)
     if info.is_main:
-        print(f"linprobe  top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['count']} val images)",
-              flush=True)
+        top5 = f"  top-5 {result['top5']:.2f}%" if "top5" in result else ""  # more than 5 classes only
+        print(f"linprobe  top-1 {result['top1']:.2f}%{top5}  ({result['count']} val images "
+              f"at {evaluated_at(cfg)}, checkpoint {args.checkpoint})", flush=True)
     return 0
 
 

@@ -16,7 +16,12 @@ well (--model, --finetune, --nb_classes, --layer_decay, --layer_decay_type,
 ...), also in their `--flag true` form.
 
 --eval evaluates only (top-1 / top-5 on val/): the checkpoint given by
---resume, else the newest in output_dir, else CHECKPOINT. Checkpoints,
+--resume, else the newest in output_dir, else CHECKPOINT, at the input size,
+crop_pct, in_chans, normalisation and layout stored in its config (given
+flags win, with a note when they differ); results go to eval.jsonl beside
+that checkpoint, or in --output_dir when given. Fine-tuning starts at the
+pre-training checkpoint's input size unless --input_size is given, and
+keeps checkpoint-best.pth (the epoch of the best val top-1). Checkpoints,
 auto-resume, pre-emption (SIGTERM / SIGUSR1), progress lines, TensorBoard and
 log.jsonl work as in pre-training, and so do unreadable training images
 (skipped, each logged once, the run stops when more than max_bad_fraction
@@ -31,8 +36,10 @@ checkpoint's config; else ImageNet's for 3-channel 8-bit data and computed
 """
 
 if __name__ == "__main__":  # first thing: a stop signal during the slow imports below must not kill us
+    from fcmae.runtime.lifeline import die_with_launcher
     from fcmae.runtime.signals import install_stop_handler
 
+    die_with_launcher()  # started by the launcher or torchrun: end with it, never train on as an orphan
     install_stop_handler()
 
 from pathlib import Path
@@ -43,21 +50,23 @@ from torch.utils.data import DataLoader
 
 import sparse
 from fcmae.data import labelled
-from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, collate_images
+from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, collate_images, list_images
 from fcmae.data.stats import resolve_mean_std, saved_mean_std
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, resume
 from fcmae.runtime.command import TrainSpec
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.device import grad_scaler, model_compiler, precision_note
-from fcmae.runtime.errors import PlanError, UsageError
-from fcmae.runtime.loader import seed_everything, train_loader
+from fcmae.runtime.errors import CheckpointError, PlanError, UsageError
+from fcmae.runtime.lifeline import loader_worker_init
+from fcmae.runtime.loader import seed_everything, train_loader, usable_workers
 from fcmae.runtime.logs import JsonlLogger, log
 from fcmae.runtime.plan import Plan, make_plan, plan_lines
-from fcmae.runtime.signals import ignore_stop_signals
+from fcmae.runtime.report import epoch_line_timing, finish_run
 from fcmae.runtime.trainer import LoopSettings, Trainer
 from fcmae.weights.layouts import ConversionError
 from finetune import data as ftdata
+from finetune.checkpoint_settings import EVAL_KEYS, FINETUNE_KEYS, settings_from_checkpoint, stored_config
 from finetune.config import FinetuneConfig
 from finetune.config import resolve_config as _resolve
 from finetune.engine import ClassificationStep, evaluate
@@ -72,7 +81,8 @@ MODEL_KEYS = ("size", "depths", "dims", "num_classes", "in_chans")
 HARMLESS = ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval",
                                     "max_bad_fraction")
 # The values of the data settings that checkpoints written before they existed were trained with.
-OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "auto"}
+OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "auto",
+                "drop_last": True}
 
 
 def resolve_config(argv=None) -> FinetuneConfig:
@@ -82,8 +92,9 @@ def resolve_config(argv=None) -> FinetuneConfig:
 
 # ---------------------------------------------------------------- the plan
 def plan_run(cfg: FinetuneConfig, world_size: int, num_images=None) -> Plan:
-    """make_plan, and Mixup/CutMix's need of an even per-GPU batch after the batch is fitted."""
-    plan = make_plan(cfg, world_size, num_images)
+    """make_plan (`drop_last: false` keeps each epoch's last batch), and Mixup/CutMix's need of an even per-GPU
+    batch after the batch is fitted."""
+    plan = make_plan(cfg, world_size, num_images, keep_last=not cfg.drop_last, even_batches=cfg.mixes)
     if cfg.mixes and plan.batch_size % 2:
         raise PlanError(f"Mixup/CutMix need an even per-GPU batch, got {plan.batch_size} (effective batch "
                         f"{plan.effective_batch} over {world_size} processes); change --batch_size, "
@@ -91,7 +102,10 @@ def plan_run(cfg: FinetuneConfig, world_size: int, num_images=None) -> Plan:
     return plan
 
 
-def format_plan(cfg: FinetuneConfig, plan: Plan, data: str, num_classes) -> str:
+def format_plan(cfg: FinetuneConfig, plan: Plan, data: str, num_classes, sizes_from: str = "",
+                val_images: Optional[int] = None) -> str:
+    """The printed plan; `sizes_from` says where the input size and crop came from when not from the settings;
+    `val_images`: the validation set's size, when known."""
     depths, dims = sparse.sizes.resolve_arch(cfg.size, cfg.depths, cfg.dims)
     return "\n".join([
         "Fine-tuning plan" if not cfg.eval else "Evaluation plan",
@@ -102,14 +116,25 @@ def format_plan(cfg: FinetuneConfig, plan: Plan, data: str, num_classes) -> str:
         f"  regularisation   RandAugment {cfg.aa}, mixup {cfg.mixup}, cutmix {cfg.cutmix}, smoothing "
         f"{cfg.smoothing}, reprob {cfg.reprob}, EMA " + (f"{cfg.model_ema_decay}" if cfg.model_ema else "off"),
         f"  pre-trained      {cfg.finetune or 'none (from scratch)'}",
-        *plan_lines(cfg, plan, data, images="training images"),
+        f"  images           {cfg.input_size}x{cfg.input_size}, evaluated with crop_pct {cfg.crop_pct}"
+        + (f" ({sizes_from})" if sizes_from else ""),
+        *plan_lines(cfg, plan, data, images="training images", keep_hint="--drop_last false trains on them too",
+                    data_lines=[f"  validation       all {val_images} images of val/ after each epoch (none left out)"]
+                    if val_images is not None else []),
     ])
 
 
 def describe(cfg: FinetuneConfig, world_size: int) -> str:
-    """The plan for `world_size` processes before any data is read (dry runs and the launcher)."""
-    return format_plan(cfg, plan_run(cfg, world_size), str(data_root(cfg, build=False)),
-                       cfg.num_classes or "(from data)")
+    """The plan for `world_size` processes before any image is read (dry runs and the launcher): the folders
+    are checked and their images counted (the built-in demo's are not, before it is built)."""
+    root, num_classes, counts = data_root(cfg, build=False), cfg.num_classes or "(from data)", {}
+    if cfg.data_path:
+        classes = labelled.check_splits(root)
+        num_classes = len(classes)
+        counts = {split: sum(len(list_images(root / split / name)) for name in classes) for split in ("train", "val")}
+    return format_plan(cfg, plan_run(cfg, world_size, counts.get("train")), str(root), num_classes,
+                       "" if "input_size" in cfg.given else "or the checkpoint's, where it stores one",
+                       val_images=counts.get("val"))
 
 
 # ---------------------------------------------------------------- data
@@ -146,6 +171,10 @@ def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] 
             mean, std = (stored[0] if mean in reusable else mean), (stored[1] if std in reusable else std)
             log(f"normalisation from {what}")
             break
+        if stored is not None and isinstance(mean, tuple) and isinstance(std, tuple) and (mean, std) != stored:
+            log(f"note: mean {list(mean)}, std {list(std)} as given, mean {list(stored[0])}, std "
+                f"{list(stored[1])} in {what}; using the given values")
+            break
     return resolve_mean_std(mean, std, train, logger=log)
 
 
@@ -170,8 +199,8 @@ def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: O
 
 def val_loader(cfg: FinetuneConfig, val, info: distributed.DistInfo) -> DataLoader:
     sampler = labelled.ShardSampler(len(val), info.rank, info.world_size)
-    return DataLoader(val, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                      pin_memory=info.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    return DataLoader(val, batch_size=cfg.batch_size, sampler=sampler, num_workers=usable_workers(cfg.num_workers),
+                      pin_memory=info.device.type == "cuda", worker_init_fn=loader_worker_init)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -198,8 +227,34 @@ def _new_model(cfg: FinetuneConfig, num_classes: int):
                        depths=cfg.depths, dims=cfg.dims, in_chans=cfg.in_chans)
 
 
+def with_stored_settings(cfg: FinetuneConfig, stored: Optional[Dict[str, Any]], keys,
+                         source: str) -> Tuple[FinetuneConfig, List[str]]:
+    """`cfg` with the settings `keys` taken from a checkpoint's stored config where the user did not give them,
+    and the keys taken (finetune.checkpoint_settings); logs what was taken and a note for each given setting
+    that differs."""
+    found = settings_from_checkpoint(cfg.to_dict(), stored, keys, cfg.given, source)
+    for line in found.lines():
+        log(line)
+    return cfg.replace(**found.changes), list(found.taken)
+
+
+def eval_folder(cfg: FinetuneConfig, checkpoint: Optional[Path], main: bool) -> Path:
+    """Where --eval appends eval.jsonl: --output_dir when given, else beside the evaluated `checkpoint`; checked
+    writable by the main process."""
+    folder = Path(cfg.output_dir) if "output_dir" in cfg.given else checkpoint.parent
+    try:
+        if main:
+            ckpt.check_writable(folder)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; eval.jsonl goes there (give --output_dir for another folder)") from None
+    return folder
+
+
 def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
-    """--eval: top-1 / top-5 of one checkpoint on val/ (see the module docstring for which checkpoint)."""
+    """--eval: top-1 / top-5 of one checkpoint on val/ (see the module docstring for which checkpoint), at the
+    input size, crop, channels, normalisation and layout stored in its config unless given."""
+    # A given folder is checked before anything is read: eval.jsonl is written after the whole validation set.
+    out = eval_folder(cfg, None, info.is_main) if "output_dir" in cfg.given else None
     root, classes = prepare_splits(cfg, info)
     resumed = ckpt.find_resume(cfg.resume, cfg.output_dir)
     path = resumed or (Path(cfg.finetune) if cfg.finetune else None)
@@ -208,8 +263,10 @@ def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     if path is None:
         raise UsageError(f"--eval needs a checkpoint: --resume PATH, a checkpoint in {cfg.output_dir}, "
                          "or CHECKPOINT")
+    out = out or eval_folder(cfg, path, info.is_main)
     # A training checkpoint of this command, or weights from elsewhere (.safetensors included), read safely.
     saved = resume.read_checkpoint(path) if resumed else read_pretrained(path)
+    cfg, _ = with_stored_settings(cfg, stored_config(saved), EVAL_KEYS, f"the checkpoint {path}")
     seed_everything(cfg.seed + info.rank)
     model = _new_model(cfg, len(classes))
     weights = {"model": model}
@@ -221,7 +278,7 @@ def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
             weights["ema"] = _new_model(cfg, len(classes))
             weights["ema"].load_state_dict(saved["ema"])
     else:
-        report = load_pretrained(model, saved, str(path))
+        report = load_pretrained(model, saved, str(path), purpose="the model to evaluate (--eval)")
         if any(k.startswith("head.fc.") for k in report.missing):
             raise UsageError(f"{path} has no classifier head for {len(classes)} classes: evaluation needs a "
                              "fine-tuned checkpoint (fine-tune first, then --eval --resume CHECKPOINT)")
@@ -232,11 +289,15 @@ def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     results = {}
     for name, m in weights.items():
         r = results[name] = evaluate(m.to(info.device), loader, info.device, cfg.amp)
-        log(f"eval {name}: top-1 {r['acc1']:.2f}%  top-5 {r['acc5']:.2f}%  loss {r['loss']:.4f}  "
-            f"({r['count']} images of {root / 'val'}, checkpoint {path})")
+        top5 = f"  top-5 {r['acc5']:.2f}%" if "acc5" in r else ""  # more than 5 classes only
+        log(f"eval {name}: top-1 {r['acc1']:.2f}%{top5}  loss {r['loss']:.4f}  "
+            f"({r['count']} images of {root / 'val'} at {cfg.input_size}x{cfg.input_size}, crop_pct "
+            f"{cfg.crop_pct}, checkpoint {path})")
     if info.is_main:
-        JsonlLogger(Path(cfg.output_dir) / "eval.jsonl").write({"type": "eval", "checkpoint": str(path), **{
-            f"{name}_{k}": v for name, r in results.items() for k, v in r.items()}})
+        JsonlLogger(out / "eval.jsonl").write({
+            "type": "eval", "checkpoint": str(path), "input_size": cfg.input_size, "crop_pct": cfg.crop_pct,
+            **{f"{name}_{k}": v for name, r in results.items() for k, v in r.items()}})
+    log(f"results appended to {out / 'eval.jsonl'}")
     return 0
 
 
@@ -254,6 +315,11 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     if saved is not None:
         check_resumable(saved, cfg, resume_from)
     pretrained = read_pretrained(cfg.finetune) if saved is None and cfg.finetune else None
+    # The input size (and crop) the run was trained at, or its pre-training's, unless given.
+    source = (f"the fine-tuning checkpoint {resume_from}" if saved is not None
+              else f"the pre-training checkpoint {cfg.finetune}")
+    cfg, taken = with_stored_settings(cfg, stored_config(saved if saved is not None else pretrained),
+                                      FINETUNE_KEYS, source)
     seed_everything(cfg.seed + info.rank)
     model = _new_model(cfg, num_classes)
     if pretrained is not None:
@@ -267,7 +333,8 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         old_plan = resume.check_resume(saved, cfg.to_dict(), plan, resume_from, SPEC.harmless_on_resume,
                                        cfg.allow_config_change)
     if main:
-        print(format_plan(cfg, plan, str(root), num_classes), flush=True)
+        print(format_plan(cfg, plan, str(root), num_classes, f"{' and '.join(taken)} from {source}" if taken
+                          else "", val_images=len(val_set)), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict(), "classes": classes}, out / "config.yaml")
 
     model.to(device)
@@ -277,7 +344,9 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     ema = None
     if cfg.model_ema:
         ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
-    best = {"acc1": 0.0}
+    # The best validation top-1 so far (of the weights or the EMA): acc1, epoch, weights, checkpoint.
+    best: Dict[str, Any] = {}
+    epoch_is_best = [False]
     mixup = ftdata.make_mixup(cfg.to_dict(), num_classes)
     bad_images = BadImageTracker(len(train_set), cfg.max_bad_fraction, logger=lambda m: log(m, main_only=False))
     step = ClassificationStep(ftdata.make_criterion(cfg.to_dict(), mixup), mixup, device)
@@ -286,7 +355,7 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
                       after_step=ema.update if ema is not None else None,
                       extra_state=lambda: {"ema": ema.module.state_dict() if ema is not None else None,
                                            "best": best, "classes": classes},
-                      compile_fn=compile_fn, bad_inputs=bad_images)
+                      compile_fn=compile_fn, bad_inputs=bad_images, is_best_epoch=lambda: epoch_is_best[0])
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
         resume.align_state(trainer.state, old_plan, plan)
@@ -307,20 +376,29 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     def end_epoch(train_loss: float) -> None:
         """Validate (the weights, and the EMA when asked) and log the epoch's summary."""
         metrics = evaluate(model, val_batches, device, cfg.amp)
+        # acc5 and ema_acc5 only with more than 5 classes (evaluate)
         summary = {"epoch": state.epoch + 1, "step": state.step, "train_loss": train_loss, "acc1": metrics["acc1"],
-                   "acc5": metrics["acc5"], "val_loss": metrics["loss"]}
+                   **({"acc5": metrics["acc5"]} if "acc5" in metrics else {}), "val_loss": metrics["loss"],
+                   **trainer.epoch_timing}
         if ema is not None and cfg.model_ema_eval:
             ema_metrics = evaluate(ema.module, val_batches, device, cfg.amp)
-            summary.update(ema_acc1=ema_metrics["acc1"], ema_acc5=ema_metrics["acc5"])
-        best["acc1"] = max(best["acc1"], summary["acc1"], summary.get("ema_acc1", 0.0))
+            summary["ema_acc1"] = ema_metrics["acc1"]
+            if "acc5" in ema_metrics:
+                summary["ema_acc5"] = ema_metrics["acc5"]
+        top, weights = max((summary["acc1"], "model"), (summary.get("ema_acc1", -1.0), "EMA"),
+                           key=lambda candidate: candidate[0])  # the model's on a tie
+        epoch_is_best[0] = top > best.get("acc1", -1.0)
+        if epoch_is_best[0]:
+            best.update(acc1=top, epoch=state.epoch + 1, weights=weights, checkpoint=str(out / ckpt.BEST_NAME))
         state.history.append(summary)
         trainer.jsonl.write({"type": "epoch", **summary})
         trainer.tb.scalars({k: v for k, v in summary.items() if k not in ("epoch", "step")}, state.step,
                            prefix="epoch/")
         trainer.tb.flush()
         log(f"epoch {state.epoch + 1}/{cfg.epochs} done: train loss {train_loss:.4f}, val top-1 "
-            f"{metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%"
-            + (f", EMA top-1 {summary['ema_acc1']:.2f}%" if "ema_acc1" in summary else ""))
+            f"{metrics['acc1']:.2f}%" + (f", top-5 {metrics['acc5']:.2f}%" if "acc5" in metrics else "")
+            + (f", EMA top-1 {summary['ema_acc1']:.2f}%" if "ema_acc1" in summary else "")
+            + epoch_line_timing(trainer.epoch_timing))
 
     loader = train_loader(train_set, plan, cfg.num_workers, cfg.seed, info, collate_fn=collate_images)
     log(f"training: {len(train_set)} images in {num_classes} classes, {plan.iters_per_epoch} iterations/epoch, "
@@ -329,9 +407,15 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     if not trainer.fit(loader, end_epoch):
         return 0
     last = state.history[-1]
-    log(f"done: {cfg.epochs} epochs; final top-1 {last['acc1']:.2f}%, top-5 {last['acc5']:.2f}%"
+    log(f"done: {cfg.epochs} epochs; final top-1 {last['acc1']:.2f}%"
+        + (f", top-5 {last['acc5']:.2f}%" if "acc5" in last else "")
         + (f" (EMA top-1 {last['ema_acc1']:.2f}%)" if "ema_acc1" in last else "")
-        + f"; best top-1 {best['acc1']:.2f}%; checkpoints in {out}")
+        + f"; best top-1 {best['acc1']:.2f}%"
+        + (f" ({best['weights']}, epoch {best['epoch']}) in {best['checkpoint']}" if "checkpoint" in best else "")
+        + f"; checkpoints in {out}")
+    if main:
+        for line in finish_run(out):
+            log(line)
     return 0
 
 
@@ -341,15 +425,8 @@ SPEC = TrainSpec("fcmae-finetune", FinetuneConfig, resolve_config, describe, tra
                  is_own_checkpoint=is_finetune_checkpoint, evaluate=evaluate_only,
                  expected_errors=(DataError, ConversionError))
 
-
-
-def run(cfg) -> int:
-    """A real run of fine-tuning or, with --eval, evaluation on the processes this one belongs to (TrainSpec.run)."""
-    return SPEC.run(cfg)
-
-
-def main(argv=None) -> None:
-    SPEC.main(argv)
+run = SPEC.run  # a real run of a resolved config (tests and notebooks call it)
+main = SPEC.main  # the console entry point
 
 
 if __name__ == "__main__":

@@ -59,14 +59,15 @@ class LoadReport:
         return out
 
 
-def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") -> LoadReport:
+def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>",
+                    purpose: str = "the model to fine-tune") -> LoadReport:
     """Load an FCMAE checkpoint (converted on the fly), converted weights, or a classifier checkpoint.
 
     `checkpoint` is the loaded object, or the `Conversion` of it that the
     caller has already made (with the model's conv_mlp; not converted again).
     The architecture must match the model's (a clear error otherwise). Head
     weights of another class count are dropped (the head stays freshly
-    initialised); every other tensor must fit.
+    initialised); every other tensor must fit. `purpose` names the model in the messages.
     """
     depths, dims = model.arch
     conv_mlp = uses_conv_mlp(size_of(depths, dims))
@@ -79,15 +80,15 @@ def load_pretrained(model: nn.Module, checkpoint, path: str = "<checkpoint>") ->
             raise ConversionError(f"{path}: {e}") from None
     if (conversion.depths, conversion.dims) != (tuple(depths), tuple(dims)):
         raise ConversionError(
-            f"size mismatch: {path} holds {describe_arch(conversion.depths, conversion.dims)}, but the model to "
-            f"fine-tune is {describe_arch(depths, dims)}; pass the checkpoint's size or another checkpoint")
+            f"size mismatch: {path} holds {describe_arch(conversion.depths, conversion.dims)}, but {purpose} "
+            f"is {describe_arch(depths, dims)}; pass the checkpoint's size or another checkpoint")
     in_chans = model.stem[0].in_channels
     if conversion.in_chans != in_chans:
-        raise ConversionError(f"{path} has a stem for {conversion.in_chans} input channel(s), but the model to "
-                              f"fine-tune has in_chans={in_chans}; fcmae-finetune: set --in_chans "
+        raise ConversionError(f"{path} has a stem for {conversion.in_chans} input channel(s), but {purpose} "
+                              f"has in_chans={in_chans}; fcmae-finetune: set --in_chans "
                               f"{conversion.in_chans} (the images' channel count must match the pre-training's); "
-                              f"fcmae-knn and "
-                              f"fcmae-linprobe take 3-channel checkpoints only")
+                              "fcmae-knn and fcmae-linprobe read in_chans from the config stored in the checkpoint "
+                              "(3 without one, as in converted files): give them the training checkpoint")
     weights = dict(conversion.state_dict)
     dropped = dict(conversion.dropped)
     own = model.state_dict()
@@ -117,25 +118,27 @@ def read_pretrained(path) -> dict:
 
 
 def load_backbone(checkpoint: Optional[str], size: Optional[str] = None, depths: Optional[Sequence[int]] = None,
-                  dims: Optional[Sequence[int]] = None, seed: int = 0) -> nn.Module:
+                  dims: Optional[Sequence[int]] = None, seed: int = 0, in_chans: int = 3,
+                  weights: Optional[dict] = None, purpose: str = "the model to evaluate") -> nn.Module:
     """A dense ConvNeXt V2 without classifier (num_classes=0) for feature extraction, in eval mode.
 
     `checkpoint`: an FCMAE checkpoint, converted (timm, reference, .safetensors)
-    weights, or None / "none" for random weights (seeded by `seed`). The
-    architecture is the checkpoint's unless `size` (and depths/dims) is
-    given, in which case a checkpoint of another size is a clear error.
+    weights, or None / "none" for random weights (seeded by `seed`); `weights`: its contents when the caller
+    has read it already (`read_pretrained`). The architecture is the checkpoint's unless `size` (and
+    depths/dims) is given, in which case a checkpoint of another size is a clear error; so is a stem for other
+    than `in_chans` channels. The errors name the model by `purpose`.
     """
 
     if checkpoint is None or str(checkpoint).lower() == "none":
         torch.manual_seed(seed)
-        return build_model(size or "atto", 0, depths=depths, dims=dims).eval()
-    state = read_pretrained(checkpoint)
+        return build_model(size or "atto", 0, depths=depths, dims=dims, in_chans=in_chans).eval()
+    state = read_pretrained(checkpoint) if weights is None else weights
     if size is None and depths is None and dims is None:
         try:
             state = convert(state)  # the architecture is the file's; the model's conv_mlp is the default's
         except ConversionError as e:
             raise ConversionError(f"{checkpoint}: {e}") from None
         size, depths, dims = state.size or "atto", state.depths, state.dims
-    model = build_model(size or "atto", 0, depths=depths, dims=dims)
-    load_pretrained(model, state, str(checkpoint))
+    model = build_model(size or "atto", 0, depths=depths, dims=dims, in_chans=in_chans)
+    load_pretrained(model, state, str(checkpoint), purpose)
     return model.eval()

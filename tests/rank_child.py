@@ -10,7 +10,10 @@ command runs, so that one rank meets what the others do not:
 - unreadable_on_rank_1: on rank 1 every image of odd index fails to load (as a zero-byte file does);
 - stale_listing_on_rank_1: rank 1 lists FCMAE_TEST_OTHER_CHECKPOINT as the newest checkpoint
   (a node-local output folder, a stale network file system listing);
-- other_file_on_rank_1: rank 1 reads FCMAE_TEST_OTHER_CHECKPOINT whatever path it is given.
+- other_file_on_rank_1: rank 1 reads FCMAE_TEST_OTHER_CHECKPOINT whatever path it is given;
+- sigterm_on_rank_1: rank 1 alone receives SIGTERM, right after its 2nd optimizer step;
+- sleep_on_rank_1: rank 1 stops stepping (sleeps for 10 minutes) after its 3rd optimizer step (a wedged
+  rank, for the hang watchdog).
 
 Every rank prints `rank R restored step S` when it restores a checkpoint.
 """
@@ -62,6 +65,38 @@ def other_file_on_rank_1() -> None:
         checkpoint.load_checkpoint = lambda path, *a, **k: real_load(os.environ["FCMAE_TEST_OTHER_CHECKPOINT"], *a, **k)
 
 
+def sigterm_on_rank_1() -> None:
+    import signal
+
+    from fcmae.runtime.trainer import Trainer
+
+    real_step = Trainer._optimizer_step
+
+    def optimizer_step(self):
+        real_step(self)
+        if self.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    if RANK == 1:
+        Trainer._optimizer_step = optimizer_step
+
+
+def sleep_on_rank_1() -> None:
+    import time
+
+    from fcmae.runtime.trainer import Trainer
+
+    real_step = Trainer._optimizer_step
+
+    def optimizer_step(self):
+        real_step(self)
+        if self.state.step == 3:
+            time.sleep(600)
+
+    if RANK == 1:
+        Trainer._optimizer_step = optimizer_step
+
+
 def report_restores() -> None:
     from fcmae.runtime.trainer import Trainer
 
@@ -75,7 +110,8 @@ def report_restores() -> None:
 
 
 SCENARIOS = {"none": lambda: None, "nan_on_rank_1": nan_on_rank_1, "unreadable_on_rank_1": unreadable_on_rank_1,
-             "stale_listing_on_rank_1": stale_listing_on_rank_1, "other_file_on_rank_1": other_file_on_rank_1}
+             "stale_listing_on_rank_1": stale_listing_on_rank_1, "other_file_on_rank_1": other_file_on_rank_1,
+             "sigterm_on_rank_1": sigterm_on_rank_1, "sleep_on_rank_1": sleep_on_rank_1}
 
 
 def main() -> None:

@@ -290,7 +290,8 @@ class ImageFolderDataset(Dataset):
             crop = pil_crop(image, box, size, self.in_chans)
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
             pixels = np.asarray(crop).reshape(size, size, -1)
-            pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+            # np.array copies: Pillow's array is read-only, and a one-channel transpose is a view of it
+            pixels = torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
             return pixels if self.decode == "gpu" else self.normalise(pixels, 255.0)
         stored = np.asarray(image)  # as stored (RGBA: Pillow's resize would premultiply alpha)
         stored = stored if stored.ndim == 3 else stored[..., None]

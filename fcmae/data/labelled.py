@@ -57,14 +57,17 @@ def class_folders(split_dir: Path) -> List[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def check_splits(root: PathLike) -> List[str]:
-    """The class names of `root`, after checking train/ and val/ exist, are non-empty and agree."""
+def check_splits(root: PathLike, purpose: str = "fine-tuning") -> List[str]:
+    """The class names of `root`, after checking train/ and val/ exist, are non-empty and agree.
+
+    `purpose` names what reads the folder, in the message of a missing split ("fcmae-knn needs ...").
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data path {root} does not exist or is not a folder (expected train/ and val/ in it)")
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DataError(f"{root} has no {split}/ folder: fine-tuning needs {root}/train/<class>/... and "
+            raise DataError(f"{root} has no {split}/ folder: {purpose} needs {root}/train/<class>/... and "
                             f"{root}/val/<class>/...")
     train, val = class_folders(root / "train"), class_folders(root / "val")
     if not train:

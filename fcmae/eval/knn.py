@@ -4,7 +4,8 @@ Features: the encoder's last stage, global-average-pooled, unmasked,
 L2-normalised. Each validation image votes with its k nearest training
 images (cosine similarity), each weighted by exp(similarity / T), as in
 DINO (Caron et al., 2021); top-1 and top-5 are the share of validation
-images whose class is among the 1 and 5 highest-voted classes.
+images whose class is among the 1 and 5 highest-voted classes (top-5 only
+with more than 5 classes: `has_top5`).
 
 Distributed: every rank extracts the features of its shard of train/ and
 val/; the training features are gathered on every rank
@@ -40,10 +41,12 @@ from fcmae.runtime.config import config_root, load_config
 from fcmae.runtime.device import autocast_context
 from fcmae.runtime.distributed import raise_first_error
 from fcmae.runtime.errors import UsageError
+from fcmae.runtime.lifeline import loader_worker_init
+from fcmae.runtime.loader import usable_workers
 from fcmae.runtime.logs import log
 
-__all__ = ["extract_features", "gather_rows", "sum_over_ranks", "knn_classify", "knn_evaluate", "make_loaders",
-           "KnnMonitor", "DEMO_SET", "EVAL_CROP_PCT"]
+__all__ = ["extract_features", "gather_rows", "sum_over_ranks", "has_top5", "knn_classify", "knn_evaluate",
+           "make_loaders", "KnnMonitor", "DEMO_SET", "EVAL_CROP_PCT"]
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -112,6 +115,14 @@ def sum_over_ranks(values: List[float], device: torch.device) -> List[float]:
 
 
 # ---------------------------------------------------------------- the classifier
+def has_top5(num_classes: int) -> bool:
+    """Whether top-5 accuracy says anything: with 5 classes or fewer every image's class is among the best 5.
+
+    The kNN, the linear probe and fine-tuning report top-5 (lines, records, TensorBoard) only when it does.
+    """
+    return num_classes > 5
+
+
 @torch.no_grad()
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07,
@@ -150,7 +161,8 @@ def knn_evaluate(encode: Encode, train_loader, val_loader, device: torch.device,
                  temperature: float = 0.07) -> Dict[str, float]:
     """Weighted kNN top-1/top-5 (in %) of `encode`'s features; every rank passes its own shard loaders.
 
-    Returns {"top1", "top5", "count"} (the same on every rank). Cost: one
+    Returns {"top1", "top5", "count"} (the same on every rank; "top5" only when
+    `has_top5(num_classes)`). Cost: one
     forward pass over train/ and val/ (split across ranks), the gathered
     training features (N x C floats per rank) and an M/world x N similarity
     product per rank, in chunks.
@@ -160,7 +172,10 @@ def knn_evaluate(encode: Encode, train_loader, val_loader, device: torch.device,
     train_feats, train_labels = gather_rows(train_feats), gather_rows(train_labels)
     correct1, correct5 = knn_classify(train_feats, train_labels, val_feats, val_labels, num_classes, k, temperature)
     correct1, correct5, count = sum_over_ranks([correct1, correct5, val_feats.shape[0]], device)
-    return {"top1": 100.0 * correct1 / max(count, 1), "top5": 100.0 * correct5 / max(count, 1), "count": int(count)}
+    result = {"top1": 100.0 * correct1 / max(count, 1)}
+    if has_top5(num_classes):
+        result["top5"] = 100.0 * correct5 / max(count, 1)
+    return {**result, "count": int(count)}
 
 
 def make_loaders(root, classes: List[str], input_size: int, crop_pct: float, batch_size: int, num_workers: int,
@@ -177,14 +192,15 @@ def make_loaders(root, classes: List[str], input_size: int, crop_pct: float, bat
 
     settings = {"input_size": input_size, "crop_pct": crop_pct}
     mean, std = IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std
-    loaders = []
+    loaders, workers = [], usable_workers(num_workers)
     for split in ("train", "val"):
         dataset = labelled.LabelledFolder(Path(root) / split, classes, in_chans=in_chans, layout=layout)
         dataset.transform = labelled.eval_transform(settings, mean, std, pil=dataset.uses_pil)
         sampler = labelled.ShardSampler(len(dataset), rank, world_size)
-        loaders.append(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        loaders.append(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                   pin_memory=device is not None and device.type == "cuda",
-                                  generator=torch.Generator()))  # its worker seeds come from here
+                                  generator=torch.Generator(),  # its worker seeds come from here
+                                  worker_init_fn=loader_worker_init))  # workers end with their process
     return loaders[0], loaders[1]
 
 
@@ -253,7 +269,7 @@ class KnnMonitor:
             else:
                 root, input_size, crop_pct = Path(path).expanduser(), cfg.input_size, EVAL_CROP_PCT
 
-            classes = check_splits(root)
+            classes = check_splits(root, "the kNN monitor of pre-training")
             if len(classes) < 2:
                 raise DataError(f"{root} has {len(classes)} class; the kNN monitor needs at least 2")
             data_format = dict(in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, layout=cfg.layout)  # resolved
@@ -286,7 +302,8 @@ class KnnMonitor:
             model.train(was_training)
 
     def end_epoch(self, model: torch.nn.Module, epoch: int, epochs: int, step: int, jsonl, tb) -> str:
-        """Evaluate when due, write a "knn" record to log.jsonl and knn/top1, knn/top5 to TensorBoard.
+        """Evaluate when due, write a "knn" record to log.jsonl and knn/top1, knn/top5 to TensorBoard (top-5
+        only with more than 5 classes: `has_top5`).
 
         Called on every rank (the features are gathered); returns the text for
         the epoch line ('' when not due).
@@ -294,8 +311,9 @@ class KnnMonitor:
         if not self.due(epoch, epochs):
             return ""
         result = self.evaluate(model)
-        jsonl.write({"type": "knn", "epoch": epoch, "step": step, "top1": result["top1"], "top5": result["top5"],
-                     "count": result["count"], "k": self.k})
-        tb.scalars({"top1": result["top1"], "top5": result["top5"]}, step, prefix="knn/")
+        top5 = {"top5": result["top5"]} if "top5" in result else {}
+        jsonl.write({"type": "knn", "epoch": epoch, "step": step, "top1": result["top1"], **top5,
+                     "count": result["count"], "k": self.k, "input_size": self.input_size, "crop_pct": self.crop_pct})
+        tb.scalars({"top1": result["top1"], **top5}, step, prefix="knn/")
         tb.flush()
-        return f", knn top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%"
+        return f", knn top-1 {result['top1']:.2f}%" + (f" top-5 {top5['top5']:.2f}%" if top5 else "")

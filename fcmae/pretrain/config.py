@@ -17,7 +17,7 @@ from fcmae.data.folder import MAX_IN_CHANS
 from fcmae.data.gpu_decode import DECODE_MODES
 from fcmae.data.image_io import LAYOUTS
 from fcmae.data.stats import MeanStd, check_mean_std_setting, parse_mean_std
-from fcmae.runtime.config import Flags, choices, config_root, layered_settings, read_command_line
+from fcmae.runtime.config import Flags, choices, config_root, default_output_dir, layered_settings, read_command_line
 from fcmae.runtime.errors import ConfigError, UsageError
 from fcmae.runtime.settings import TrainConfig, build_config, parse_optional_path, setting
 from sparse import BACKENDS
@@ -127,7 +127,8 @@ def resolve_config(argv: Optional[Sequence[str]] = None, doc: str = __doc__) -> 
     values["size"] = check_size(values["size"], "")
     values["schedule"] = str(schedule)
     if not values.get("output_dir"):
-        values["output_dir"] = os.path.join("output", "pretrain", f"{values['size']}_{schedule}")
+        values["output_dir"] = default_output_dir("pretrain", f"{values['size']}_{schedule}",
+                                                 parse_optional_path(values["data_path"]))
     if not values.get("log_dir"):
         values["log_dir"] = os.path.join(str(values["output_dir"]), "tensorboard")
     return build_config(PretrainConfig, values)

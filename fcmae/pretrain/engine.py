@@ -24,9 +24,10 @@ from fcmae.data.folder import ImageFolderDataset
 from fcmae.eval.knn import KnnMonitor
 from fcmae.model import FCMAE
 from fcmae.pretrain.config import PretrainConfig
-from fcmae.pretrain.visualize import reconstruction_grid, save_png
+from fcmae.pretrain.visualize import reconstruction_grid, save_png, with_titles
 from fcmae.runtime.device import autocast_context
 from fcmae.runtime.logs import log
+from fcmae.runtime.report import epoch_line_timing
 from fcmae.runtime.trainer import Trainer
 
 
@@ -68,16 +69,18 @@ class EpochEnd:
         # Trainer saves the epoch's training and the run, started again, evaluates and writes it once).
         knn_text = "" if self.knn_monitor is None else self.knn_monitor.end_epoch(
             self.model, state.epoch + 1, cfg.epochs, state.step, trainer.jsonl, trainer.tb)
-        summary = {"epoch": state.epoch + 1, "loss": epoch_loss, "step": state.step}
+        summary = {"epoch": state.epoch + 1, "loss": epoch_loss, "step": state.step, **trainer.epoch_timing}
         state.history.append(summary)
         trainer.jsonl.write({"type": "epoch", **summary})
         trainer.tb.scalars({"epoch_loss": epoch_loss}, state.step, prefix="train/")
-        log(f"epoch {state.epoch + 1}/{cfg.epochs} done: mean loss {epoch_loss:.4f}{knn_text}")
+        log(f"epoch {state.epoch + 1}/{cfg.epochs} done: mean loss {epoch_loss:.4f}"
+            f"{epoch_line_timing(trainer.epoch_timing)}{knn_text}")
         if self.fixed_images is not None:
-            self.save_reconstruction(state.step)
+            self.save_reconstruction(state.step, state.epoch + 1)
 
-    def save_reconstruction(self, step: int) -> None:
-        """The reconstruction picture of the fixed batch: reconstruction.png and TensorBoard."""
+    def save_reconstruction(self, step: int, epoch: int) -> None:
+        """The reconstruction picture of the fixed batch after `epoch` (1-based): reconstruction.png (titled:
+        the epoch, and each column's content) and TensorBoard."""
         model, cfg, device = self.model, self.cfg, self.trainer.device
         was_training = model.training
         model.eval()
@@ -86,7 +89,8 @@ class EpochEnd:
             mask = model.random_mask(images, generator=torch.Generator(device=device).manual_seed(cfg.seed))
             _, pred, mask = model(images, mask)
         model.train(was_training)
-        picture = reconstruction_grid(model, images, mask, pred, mean=cfg.mean, std=cfg.std)
+        picture = with_titles(reconstruction_grid(model, images, mask, pred, mean=cfg.mean, std=cfg.std),
+                              f"epoch {epoch} of {cfg.epochs}")
         save_png(picture, Path(cfg.output_dir) / "reconstruction.png")
         self.trainer.tb.image("reconstruction (original | masked | reconstruction | + visible)", picture, step)
         self.trainer.tb.flush()

@@ -29,8 +29,10 @@ output_dir wins over --init.
 """
 
 if __name__ == "__main__":  # first thing: a stop signal during the slow imports below must not kill us
+    from fcmae.runtime.lifeline import die_with_launcher
     from fcmae.runtime.signals import install_stop_handler
 
+    die_with_launcher()  # started by the launcher or torchrun: end with it, never train on as an orphan
     install_stop_handler()
 
 import os
@@ -42,6 +44,7 @@ import torch
 import sparse
 from fcmae.data.demo import demo_pretrain_folder
 from fcmae.data.folder import (
+    IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     BadImageTracker,
@@ -49,6 +52,7 @@ from fcmae.data.folder import (
     ImageFolderDataset,
     collate_images,
     find_image_root,
+    list_images,
 )
 from fcmae.data.stats import saved_mean_std
 from fcmae.eval.knn import KnnMonitor
@@ -66,6 +70,7 @@ from fcmae.runtime.errors import UsageError
 from fcmae.runtime.loader import seed_everything, train_loader
 from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan, make_plan, plan_lines
+from fcmae.runtime.report import finish_run
 from fcmae.runtime.trainer import LoopSettings, Trainer
 from sparse.masking import PATCH_SIZE, num_kept
 
@@ -104,12 +109,18 @@ def format_plan(cfg: PretrainConfig, plan: Plan, data: str) -> str:
 
 
 def describe(cfg: PretrainConfig, world_size: int) -> str:
-    """The plan for `world_size` processes before any data is read (dry runs and the launcher)."""
+    """The plan for `world_size` processes before any image is read (dry runs and the launcher): the data
+    folder's images are counted (the built-in demo's are not, before it is built)."""
     out = Path(cfg.output_dir).resolve()
     parent = next(p for p in (out, *out.parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"output directory {cfg.output_dir} is not writable")
-    return format_plan(cfg, make_plan(cfg, world_size), str(data_root(cfg, build=False)))
+    root = data_root(cfg, build=False)
+    num_images = len(list_images(root)) if cfg.data_path else None
+    if num_images == 0:
+        raise UsageError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, in sub-folders "
+                         "too)")
+    return format_plan(cfg, make_plan(cfg, world_size, num_images), str(root))
 
 
 # ---------------------------------------------------------------- data
@@ -170,8 +181,13 @@ def train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     compile_fn = model_compiler(cfg, device)
 
     # Everything that can fail on bad input comes before any compute; rank 0 builds the demo set first.
-    root = data_root(cfg) if main else None
-    distributed.barrier()
+    root, error = None, None
+    if main:
+        try:
+            root = data_root(cfg)
+        except UsageError as e:
+            error = e
+    distributed.raise_first_error(error)  # said on every rank: none is left waiting for rank 0 in a collective
     root = root or data_root(cfg)
     # Resume (checked before building the model); rank 0 picks the checkpoint for every rank.
     resume_from, saved = resume.resume_checkpoint(cfg.resume, out)
@@ -191,11 +207,10 @@ def train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     if saved is not None:
         old_plan = resume.check_resume(saved, cfg.to_dict(), plan, resume_from, SPEC.harmless_on_resume,
                                        cfg.allow_config_change)
+    knn_monitor = KnnMonitor.from_config(cfg, info)  # its folder is checked before anything is written
     if main:
         print(format_plan(cfg, plan, str(root)), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict()}, out / "config.yaml")
-
-    knn_monitor = KnnMonitor.from_config(cfg, info)  # its folder is checked before any compute
     if knn_monitor is not None:
         log(knn_monitor.describe())
 
@@ -236,21 +251,17 @@ def train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         raise UsageError(str(e)) from None
     if finished:
         log(f"done: {cfg.epochs} epochs, final epoch loss {state.history[-1]['loss']:.4f}; checkpoints in {out}")
+        if main:
+            for line in finish_run(out):
+                log(line)
     return 0
 
 
 SPEC = TrainSpec("fcmae-pretrain", PretrainConfig, resolve_config, describe, train, model_keys=MODEL_KEYS,
                  harmless=HARMLESS, old_defaults=OLD_DEFAULTS, checkpoint_kind="an FCMAE pre-training checkpoint")
 
-
-
-def run(cfg) -> int:
-    """A real run of pre-training on the processes this one belongs to (TrainSpec.run)."""
-    return SPEC.run(cfg)
-
-
-def main(argv=None) -> None:
-    SPEC.main(argv)
+run = SPEC.run  # a real run of a resolved config (tests and notebooks call it)
+main = SPEC.main  # the console entry point
 
 
 if __name__ == "__main__":

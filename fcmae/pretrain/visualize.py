@@ -5,14 +5,17 @@ norm_pix_loss the predictions are per-patch normalised, so each patch's mean
 and standard deviation (taken from the original) are put back first.
 Images of 1 channel are shown grey; of 2 channels, the first one grey; of
 more than 3 channels, their first three as red, green and blue.
+
+`with_titles` puts a heading (the epoch) and each column's title above the
+grid, in Pillow's built-in font (no font files needed).
 """
 
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from fcmae.runtime.files import write_atomic
@@ -49,6 +52,50 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask: torch.Tensor, pred: tor
             y, x = i * (h + gap), j * (w + gap)
             canvas[y:y + h, x:x + w] = col[i].numpy()
     return canvas
+
+
+COLUMN_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+def with_titles(grid: np.ndarray, heading: str, gap: int = 2) -> np.ndarray:
+    """`grid` (from reconstruction_grid) below a white band: `heading` on its first line, then each column's
+    title (COLUMN_TITLES), wrapped to the column's width. The font shrinks (down to 6 pixels) until the longest
+    word of a title fits a column."""
+    column = (grid.shape[1] - 3 * gap) // 4
+    font = _font_fitting(max((w for t in COLUMN_TITLES for w in t.split()), key=len), column)
+    titles = [_wrap(title, font, column) for title in COLUMN_TITLES]
+    line = _text_height(font) + 2
+    band = Image.new("RGB", (grid.shape[1], line * (1 + max(map(len, titles))) + 4), "white")
+    draw = ImageDraw.Draw(band)
+    draw.text((1, 1), heading, fill="black", font=font)
+    for j, lines in enumerate(titles):
+        for k, text in enumerate(lines):
+            draw.text((j * (column + gap) + 1, line * (1 + k) + 1), text, fill="black", font=font)
+    return np.concatenate([np.asarray(band), grid], axis=0)
+
+
+def _font_fitting(word: str, width: int):
+    """Pillow's default font at the largest size from 11 to 6 pixels at which `word` fits `width`."""
+    for size in range(11, 5, -1):
+        font = ImageFont.load_default(size=size)
+        if font.getlength(word) <= width - 2 or not isinstance(font, ImageFont.FreeTypeFont):
+            return font  # a Pillow built without FreeType has one bitmap size only
+    return font
+
+
+def _text_height(font) -> int:
+    return font.getbbox("Ag")[3]  # the bottom of a tall and a descending letter
+
+
+def _wrap(text: str, font, width: int) -> List[str]:
+    """`text` in lines of whole words no wider than `width` (a word wider than that gets a line of its own)."""
+    lines: List[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width - 2:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def _gray(mean, std) -> torch.Tensor:

@@ -4,6 +4,7 @@ Layout in an output directory:
 
     checkpoint-last.pth      written after every epoch (and on pre-emption)
     checkpoint-0040.pth      every `save_every` epochs; the newest `keep` stay
+    checkpoint-best.pth      fine-tuning: the epoch of the best validation top-1 (never resumed from)
 
 Checkpoints are written with fcmae.runtime.files.write_atomic, so a crash
 mid-write never destroys the previous one. They hold only tensors and plain
@@ -36,6 +37,7 @@ from fcmae.runtime.files import write_atomic
 PathLike = Union[str, os.PathLike]
 
 LAST_NAME = "checkpoint-last.pth"
+BEST_NAME = "checkpoint-best.pth"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 
@@ -62,7 +64,12 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         obj = load_weights_only(path, map_location)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        refusal = code_refusal(e)
+        if refusal is not None:
+            raise CheckpointError(
+                f"refused to load checkpoint {path}: it holds more than tensors and plain Python types, and "
+                f"unpickling it could run code ({refusal}). Load only files you trust") from None
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint of tensors and plain "
             "Python types, which is all torch.load(weights_only=True) reads") from None
@@ -76,6 +83,17 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a training checkpoint (a {type(obj).__name__}, expected a dict)")
     return obj
+
+
+def code_refusal(error: pickle.UnpicklingError) -> Optional[str]:
+    """What torch.load(weights_only=True) refused to build (`it names posix.system`), when `error` says that the
+    file would have built objects (run code) when unpickled; None for a file that is merely not a pickle."""
+    text = str(error)
+    match = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if match:
+        return f"it names {match.group(1)}"
+    match = re.search(r"Trying to call reduce for \S+", text)
+    return match.group(0) if match else None
 
 
 def load_weights_only(path: PathLike, map_location: Union[str, torch.device] = "cpu", allowed: Sequence = ()) -> Any:
@@ -115,8 +133,10 @@ def save_checkpoint(
     epoch_done: Optional[int] = None,
     save_every: int = 0,
     keep: int = 0,
+    best: bool = False,
 ) -> List[Path]:
-    """Write `checkpoint-last.pth`; also `checkpoint-<epoch_done>.pth` every `save_every` epochs.
+    """Write `checkpoint-last.pth`; also `checkpoint-<epoch_done>.pth` every `save_every` epochs, and
+    `checkpoint-best.pth` when `best`.
 
     `epoch_done` is the number of completed epochs (None for a mid-epoch
     save). Only the newest `keep` numbered checkpoints are kept (0: all).
@@ -126,19 +146,28 @@ def save_checkpoint(
     written = [save_atomic(state, output_dir / LAST_NAME)]
     if epoch_done is not None and save_every and epoch_done % save_every == 0:
         numbered = output_dir / f"checkpoint-{epoch_done:04d}.pth"
-        # A hard link to the file just written: no second write. Safe because
-        # later saves replace checkpoint-last.pth by rename, never in place.
-        tmp = output_dir / f".{numbered.name}.link.tmp"
-        try:
-            tmp.unlink(missing_ok=True)
-            os.link(written[0], tmp)
-            os.replace(tmp, numbered)
-        except OSError:  # file systems without hard links
-            tmp.unlink(missing_ok=True)
-            save_atomic(state, numbered)
-        written.append(numbered)
+        written.append(_same_file(written[0], numbered, state))
         prune_checkpoints(output_dir, keep, protect=numbered)
+    if best:
+        written.append(_same_file(written[0], output_dir / BEST_NAME, state))
     return written
+
+
+def _same_file(written: Path, target: Path, state: Dict[str, Any]) -> Path:
+    """`target` as a hard link to the checkpoint just `written` (no second write), atomically replacing it.
+
+    Safe because later saves replace checkpoint-last.pth by rename, never in place. File systems without hard
+    links get a second atomic write of `state`.
+    """
+    tmp = target.parent / f".{target.name}.link.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(written, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        save_atomic(state, target)
+    return target
 
 
 def prune_checkpoints(output_dir: PathLike, keep: int, protect: Optional[PathLike] = None) -> None:
@@ -196,7 +225,7 @@ def check_writable(output_dir: PathLike) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=output_dir)
         os.close(fd)
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)  # a run that holds the folder's lock may have removed it already
     except OSError as e:
         raise CheckpointError(f"output directory {output_dir} is not writable: {e.strerror or e}") from None
     return output_dir

@@ -4,9 +4,10 @@
 printed as one line `NAME: error: MESSAGE` and the tool exits with the
 error's `exit_code` (fcmae.runtime.errors: 2 bad input, 3 non-finite loss,
 4 full disk, 5 output folder in use); anything else is a bug and keeps its
-traceback. Every tool goes through it: the training commands (through
-`TrainSpec.main`), fcmae-convert, fcmae-knn, fcmae-linprobe, bench_data and
-the launcher.
+traceback. A Ctrl-C that reaches the body as KeyboardInterrupt is one line
+too (`NAME: interrupted: ...`, exit 130). Every tool goes through it: the
+training commands (through `TrainSpec.main`), fcmae-convert, fcmae-knn,
+fcmae-linprobe, bench_data and the launcher.
 
 A training command declares itself in one `TrainSpec` (fcmae.pretrain.main
 and finetune.main_finetune define `SPEC`): `main` reads the command line
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, Tuple
 
-from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime import distributed, lock, resume
+from fcmae.runtime import distributed, lock, output_folder, resume, watchdog
 from fcmae.runtime.device import run_process
 from fcmae.runtime.distributed import is_dist
 from fcmae.runtime.errors import (
@@ -33,19 +34,25 @@ from fcmae.runtime.errors import (
     DeviceError,
     DiskFullError,
     LockError,
+    LostContactError,
     NonFiniteLossError,
     UsageError,
 )
 from fcmae.runtime.files import disk_full_error
+from fcmae.runtime.signals import INTERRUPTED_EXIT_CODE, STOP
 
 
 def fail(name: str, error: BaseException) -> NoReturn:
     """Print `NAME: error: MESSAGE` on stderr and exit with the error's class's `exit_code`."""
 
-    code = error.exit_code
     print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+    _leave(error.exit_code)
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit with `code`; at once when a process group is still up (see below)."""
     if is_dist():
-        # The error left the process group up (distributed.cleanup: destroying it while the peers close
+        # The error (or Ctrl-C) left the process group up (distributed.cleanup: destroying it while the peers close
         # races them). Python's own exit would tear it down and gloo can abort there (SIGABRT, "terminate
         # called without an active exception") instead of exiting with `code`. Every file is written and
         # every lock released by now (their blocks have unwound), so leave at once.
@@ -54,23 +61,38 @@ def fail(name: str, error: BaseException) -> NoReturn:
     sys.exit(code)
 
 
-def run_cli(name: str, body: Callable[[], int], expected: Tuple[type, ...]) -> NoReturn:
+def run_cli(name: str, body: Callable[[], int], expected: Tuple[type, ...],
+            interrupted: str = "stopped at once; nothing was saved") -> NoReturn:
     """Exit with the code `body()` returns; an `expected` error becomes one line and its `exit_code` (`fail`).
 
     With DiskFullError among `expected`, an OSError of a full disk outside write_atomic (log.jsonl's
-    appends) is turned into one too (exit 4). Any other exception keeps its traceback.
+    appends) is turned into one too (exit 4). A Ctrl-C (KeyboardInterrupt) prints `NAME: interrupted:
+    INTERRUPTED` (on rank 0) and exits 130. Any other exception keeps its traceback.
     """
 
     try:
         code = body()
     except expected as e:
         fail(name, e)
+    except KeyboardInterrupt:
+        if distributed.get_rank() == 0:
+            print(f"{name}: interrupted: {interrupted}", file=sys.stderr, flush=True)
+        _leave(INTERRUPTED_EXIT_CODE)
     except OSError as e:
         full = disk_full_error(e, e.filename or "?") if DiskFullError in expected else None
         if full is None:
             raise
         fail(name, full)
     sys.exit(code)
+
+
+def _interrupted_exit_code() -> int:
+    """The exit code of a training process that saved after a Ctrl-C: 130, but 0 in a rank that torchrun started.
+
+    torchrun takes a rank's non-zero code for a failure: it would SIGTERM the other ranks and log an error for
+    each. Under the launcher (fcmae.runtime.launch.launcher.Supervisor) the launcher then exits 130 itself.
+    """
+    return 0 if os.environ.get("TORCHELASTIC_RUN_ID") else INTERRUPTED_EXIT_CODE
 
 
 @dataclass(frozen=True)
@@ -100,7 +122,8 @@ class TrainSpec:
             trained with.
         checkpoint_kind: what the command's checkpoints are, for messages ("an FCMAE pre-training checkpoint").
         is_own_checkpoint: checkpoint dict -> True when it is one of this command's training checkpoints.
-        evaluate: (config, DistInfo) -> exit code of an evaluation-only run (`--eval`), or None.
+        evaluate: (config, DistInfo) -> exit code of an evaluation-only run (`--eval`; it checks the folder it
+            writes to), or None.
         expected_errors: the command's own exception types that mean bad input (each with an `exit_code`).
     """
 
@@ -122,14 +145,37 @@ class TrainSpec:
         return resume.HARMLESS + tuple(self.harmless)
 
     def run(self, cfg) -> int:
-        """A real run on the processes this one belongs to: evaluation (`--eval`), or training under the lock."""
-        with run_process(cfg) as info:
+        """A real run on the processes this one belongs to: evaluation (`--eval`), or training under the lock.
+
+        An output folder this run creates is removed again when the run stops before it wrote anything to keep
+        (fcmae.runtime.output_folder). A collective that fails because another rank is gone (killed, crashed,
+        its node lost: distributed.lost_contact) becomes a LostContactError, one line and exit 7, instead of the
+        transport's traceback; the launcher names the rank that failed first.
+        """
+        try:
+            return self._run(cfg)
+        except Exception as e:
+            if watchdog.FIRED.is_set():  # the hang watchdog has said why and ends the process (exit 6)
+                watchdog.wait_for_exit()
+            reason = distributed.lost_contact(e) if is_dist() else None
+            if reason is None:
+                raise
+            raise LostContactError(f"rank {distributed.get_rank()}: lost contact with another rank ({reason}); "
+                                   "stopping") from None
+
+    def _run(self, cfg) -> int:
+        created = output_folder.first_missing(cfg.output_dir)  # before any process makes it
+        with run_process(cfg) as info, output_folder.removed_on_failure(created, enabled=info.is_main):
             if self.evaluate is not None and getattr(cfg, "eval", False):
-                # no lock (a training run may hold it), but a folder eval.jsonl can be written to
-                if info.is_main:
-                    ckpt.check_writable(cfg.output_dir)
+                # no lock (a training run may hold it); `evaluate` checks the folder its results go to
                 return self.evaluate(cfg, info)
-            with lock.hold(cfg.output_dir, enabled=info.is_main):  # before anything is written
+            with ExitStack() as held:
+                error = None
+                try:
+                    held.enter_context(lock.hold(cfg.output_dir, enabled=info.is_main))  # before anything is written
+                except (LockError, CheckpointError, DiskFullError) as e:
+                    error = e
+                distributed.raise_first_error(error)  # one rank's failure here stops every rank, not only its own
                 return self.train(cfg, info)
 
     def usage_errors(self) -> Tuple[type, ...]:
@@ -140,7 +186,11 @@ class TrainSpec:
         fail(self.name, error)
 
     def main(self, argv: Optional[Sequence[str]] = None) -> NoReturn:
-        """Resolve, then print the plan (`--dry_run`) or run; expected errors become one line and an exit code."""
+        """Resolve, then print the plan (`--dry_run`) or run; expected errors become one line and an exit code.
+
+        The process's stop request (fcmae.runtime.signals.STOP) is installed for the run (kept when the
+        command installed it before its imports): a run stopped by a Ctrl-C has saved and exits 130.
+        """
 
         def body() -> int:
             cfg = self.resolve(argv)
@@ -148,6 +198,15 @@ class TrainSpec:
                 print(self.describe(cfg, cfg.world_size or 1))
                 print("dry run: nothing was trained", flush=True)
                 sys.exit(0)
-            return self.run(cfg)
+            code = self.run(cfg)
+            return _interrupted_exit_code() if code == 0 and STOP.interrupted else code
 
-        run_cli(self.name, body, self.usage_errors() + (NonFiniteLossError, LockError, DiskFullError))
+        installed_here = not STOP.installed
+        STOP.install()
+        try:
+            run_cli(self.name, body,
+                    self.usage_errors() + (NonFiniteLossError, LockError, DiskFullError, LostContactError),
+                    interrupted="stopped at once, without saving; the checkpoints written before are kept")
+        finally:
+            if installed_here:  # called in-process (tests, notebooks): Python's own Ctrl-C comes back
+                STOP.restore()

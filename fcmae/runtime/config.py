@@ -15,8 +15,11 @@ Used by both the pre-training and the fine-tuning commands; the typed,
 validated run config is built from the resolved dict by fcmae.runtime.settings.
 """
 
+import argparse
 import copy
+import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,13 +137,42 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> Dic
         node = out
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config key {'.'.join(parts[:depth + 1])!r} (in override {key!r})")
+                raise unknown_key_error(key, _flat_keys(out))
             node = node[part]
         if parts[-1] not in node:
-            known = ", ".join(sorted(_flat_keys(out)))
-            raise ConfigError(f"unknown config key {key!r}; known keys: {known}")
+            raise unknown_key_error(key, _flat_keys(out))
         node[parts[-1]] = value
     return out
+
+
+def unknown_key_error(key: str, known: Iterable[str], as_flag: bool = True) -> ConfigError:
+    """The error for a setting that does not exist: the closest known name (difflib), else all of them.
+
+    `as_flag`: the key came from the command line, so the suggestion is a flag (`did you mean --epochs?`);
+    else a key as config files spell it (`did you mean 'epochs'?`).
+    """
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return ConfigError(f"unknown config key {key!r}; did you mean "
+                           f"{'--' + close[0] if as_flag else repr(close[0])}?")
+    return ConfigError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
+
+
+def parse_args_suggesting(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, but an unknown flag near a known one names it (`did you mean --k?`).
+
+    For the commands that read their flags with argparse (fcmae-knn, fcmae-linprobe); exits 2 on bad flags.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [flag for flag in parser._option_string_actions if flag.startswith("--")]  # argparse's own table
+        for item in unknown:
+            close = difflib.get_close_matches(item.partition("=")[0], known, n=1) if item.startswith("--") else []
+            if close:
+                parser.error(f"unrecognized argument {item}; did you mean {close[0]}?")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _flat_keys(cfg: Mapping[str, Any], prefix: str = "") -> List[str]:
@@ -194,6 +226,61 @@ def choices(folder: PathLike) -> List[str]:
     """Names (without .yaml) of the config files in a folder, sorted."""
     folder = Path(folder)
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def named_config(name: str, folder: PathLike) -> Path:
+    """`--config NAME`: a file when one has that path, else `folder/NAME.yaml` for a bare name (`small`)."""
+    path = Path(name)
+    if path.is_file() or path.name != name:
+        return path  # a missing path is load_yaml's error
+    named = Path(folder) / f"{name}.yaml"
+    if not named.is_file():
+        names = [n for n in choices(folder) if n != "defaults"]
+        raise ConfigError(f"config file not found: {name} (give a YAML file, or one of the names in {folder}: "
+                          f"{', '.join(names)})")
+    return named
+
+
+# ---------------------------------------------------------------- default output folders
+def data_set_name(data_path: PathLike) -> str:
+    """A name for the data set at `data_path`, for folder names: its folder's name (for `.../train`, the one
+    above), with characters other than letters, digits, `.`, `-` and `_` replaced by `_`."""
+    path = Path(_absolute(data_path))
+    if path.name == "train" and path.parent.name:
+        path = path.parent
+    return re.sub(r"[^A-Za-z0-9._-]", "_", path.name) or "data"
+
+
+def default_output_dir(command: str, run_name: str, data_path: Optional[PathLike]) -> str:
+    """`output/COMMAND/RUN_NAME`, plus `_DATA` (`data_set_name`) when the run reads a data folder.
+
+    The built-in demo (no data_path) keeps `output/COMMAND/RUN_NAME`, so a run on your own data and the demo
+    never share a folder. A run begun before the data set's name was added keeps its folder: when
+    `output/COMMAND/RUN_NAME` holds a config.yaml whose data_path is the same folder and the named folder does
+    not exist, that folder is the default.
+    """
+    plain = os.path.join("output", command, run_name)
+    if not data_path:
+        return plain
+    named = f"{plain}_{data_set_name(data_path)}"
+    if not os.path.exists(named) and _same_data(Path(plain) / "config.yaml", data_path):
+        return plain
+    return named
+
+
+def _same_data(config_file: Path, data_path: PathLike) -> bool:
+    """Whether the config.yaml `config_file` (if any) was a run on the folder `data_path`."""
+    try:
+        stored = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return False
+    if not isinstance(stored, dict) or not stored.get("data_path"):
+        return False
+    return _absolute(stored["data_path"]) == _absolute(data_path)
+
+
+def _absolute(path: PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 # ---------------------------------------------------------------- reference release's flag style

@@ -24,6 +24,7 @@ Decisions that every rank must share are made once and agreed on:
 
 import datetime
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -218,6 +219,40 @@ def raise_first_error(error: Optional[BaseException]) -> None:
         agreed = type(found_error)(f"rank {rank}: {found_error}") if get_world_size() > 1 else found_error
         agreed.raised_on_every_rank = True  # the Trainer may then save on every rank before it leaves
         raise agreed
+
+
+# What gloo, NCCL and the rendezvous store say when a peer is gone, and the reason `lost_contact` gives.
+_LOST_CONTACT = (
+    (re.compile(r"connection reset by peer", re.I), "connection reset by peer"),
+    (re.compile(r"connection closed by peer", re.I), "connection closed by peer"),
+    (re.compile(r"broken pipe", re.I), "broken pipe"),
+    (re.compile(r"connection refused", re.I), "connection refused"),
+    (re.compile(r"timed out waiting (\d+)ms", re.I), "no answer within {0} ms"),
+    (re.compile(r"remote process exited or there was a network error", re.I),
+     "NCCL: a remote process exited or the network failed"),
+    (re.compile(r"NCCL communicator was aborted", re.I), "NCCL: the communicator was aborted"),
+)
+
+
+def lost_contact(error: BaseException) -> Optional[str]:
+    """Why `error` (or an exception it chains) says that another rank is gone, in a few words; None otherwise.
+
+    A rank that died (killed, crashed, its node lost) breaks its peers' next collective: gloo raises a
+    RuntimeError ("Connection reset by peer", "Timed out waiting ...ms"), NCCL a DistBackendError, the store a
+    DistNetworkError. Training commands turn these into one line (fcmae.runtime.command.TrainSpec.run).
+    """
+    seen: Optional[BaseException] = error
+    while seen is not None:
+        if isinstance(seen, RuntimeError):
+            text = str(seen)
+            for pattern, reason in _LOST_CONTACT:
+                found = pattern.search(text)
+                if found:
+                    return reason.format(*found.groups())
+            if isinstance(seen, dist.DistNetworkError):
+                return "network error: " + text.strip().splitlines()[0][:200] if text.strip() else "network error"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def cleanup() -> None:

@@ -3,11 +3,14 @@
 A command prints an expected error as one line `NAME: error: MESSAGE` and
 exits with the class's `exit_code` (fcmae.runtime.command.run_cli): 2 bad
 input, 3 a non-finite loss, 4 a full disk, 5 an output folder in use by
-another run. Anything else is a bug and keeps its traceback. The base
-classes (ValueError, RuntimeError, OSError) stay, so `except ValueError`
-and the like still catch them. The domain errors of the layers above
-(fcmae.data, fcmae.weights, fcmae.pretrain) live there and carry
-`exit_code = 2` the same way.
+another run (or on a file system that cannot lock it), 6 no optimizer step
+within `hang_minutes` (the hang watchdog), 7 lost contact with another rank.
+The launcher restarts a run (`max_restarts`) after any failure but 2 to 5,
+which would only fail again (fcmae.runtime.launch.launcher). Anything else
+is a bug and keeps its traceback. The base classes (ValueError, RuntimeError,
+OSError) stay, so `except ValueError` and the like still catch them. The
+domain errors of the layers above (fcmae.data, fcmae.weights,
+fcmae.pretrain) live there and carry `exit_code = 2` the same way.
 """
 
 from __future__ import annotations
@@ -66,11 +69,28 @@ class DiskFullError(OSError):
 
     exit_code = 4
 
-    def __str__(self) -> str:
-        return str(self.strerror)
+    def __str__(self) -> str:  # the message alone, also when built from the message only (agreed on by the ranks)
+        return str(self.strerror) if self.strerror is not None else super().__str__()
 
 
 class LockError(RuntimeError):
-    """The output folder is in use by another run; the message names it."""
+    """The output folder is in use by another run (the message names it), or cannot be locked at all."""
 
     exit_code = 5
+
+
+class HangError(RuntimeError):
+    """No optimizer step completed within `hang_minutes`; every rank's Python stacks are in the output folder."""
+
+    exit_code = 6
+
+
+class LostContactError(RuntimeError):
+    """Another rank stopped answering (its process died, or its node or the network failed)."""
+
+    exit_code = 7
+
+
+# Exit codes of failures that a restart would only meet again: bad input, a non-finite loss, a full disk, a
+# folder in use. Every other failure (a killed or crashed rank, a hang, lost contact) may be restarted.
+FINAL_EXIT_CODES = (UsageError.exit_code, NonFiniteLossError.exit_code, DiskFullError.exit_code, LockError.exit_code)

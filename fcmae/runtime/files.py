@@ -9,11 +9,15 @@ then renamed over the target (`os.replace` is atomic on POSIX). An exception
 mid-write leaves the previous file intact and no temporary behind; the new
 file gets the permissions the umask allows (not mkstemp's 0600).
 
+A folder written whole (the Hugging Face export) is built the same way in
+a `temporary_folder` next to it, then renamed into place.
+
 A process killed mid-write (SIGKILL, node failure) leaves its temporary
-`.<name>.<host>.<pid>.<random>.tmp`. `remove_stale_temporaries` deletes those:
-in an output folder whose lock is held (fcmae.runtime.lock) every temporary
-of the project is stale; elsewhere (the converter's output folder) only those
-of dead processes on this host are.
+`.<name>.<host>.<pid>.<random>.tmp` (a file, or a folder of
+`temporary_folder`). `remove_stale_temporaries` deletes those: in an output
+folder whose lock is held (fcmae.runtime.lock) every temporary of the
+project is stale; elsewhere (the converter's output folder) only those of
+dead processes on this host are.
 
 A full disk (ENOSPC, or EDQUOT for a quota) becomes `DiskFullError`, whose
 message names the folder, the space needed and the space free. torch.save
@@ -38,6 +42,8 @@ PathLike = Union[str, os.PathLike]
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _TEMPORARY = re.compile(r"^\..+\.tmp$|^\.write-test-")  # write_atomic's, save_checkpoint's link, the probe
+# A temporary that names its writer (write_atomic's, temporary_folder's): .NAME.HOST.PID.RANDOM.tmp
+_WRITER = re.compile(r"^\..+\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
 def host_name() -> str:
@@ -73,8 +79,12 @@ def _human(size: Optional[float]) -> str:
     return "?"
 
 
-def disk_full_error(error: BaseException, path: PathLike, needed: Optional[int] = None) -> Optional[DiskFullError]:
-    """A DiskFullError for `path` when `error` (or an exception it chains) is ENOSPC/EDQUOT; else None."""
+def disk_full_error(error: BaseException, path: PathLike, needed: Optional[int] = None,
+                    keeps_previous: bool = True) -> Optional[DiskFullError]:
+    """A DiskFullError for `path` when `error` (or an exception it chains) is ENOSPC/EDQUOT; else None.
+
+    `keeps_previous`: the message says that the previous file (if any) is intact (an atomic write's).
+    """
     seen = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
@@ -89,9 +99,10 @@ def disk_full_error(error: BaseException, path: PathLike, needed: Optional[int] 
         free = None
     reason = "disk quota exceeded" if seen.errno == errno.EDQUOT else "no space left on device"
     need = f"about {_human(needed)}" if needed else "more"
+    kept = f"; the previous {Path(path).name} (if any) is intact" if keeps_previous else ""
     return DiskFullError(seen.errno, f"{reason} in {folder} while writing {Path(path).name}: it needs {need}, "
-                                     f"{_human(free)} is free; the previous {Path(path).name} (if any) is intact. "
-                                     "Free some space or use another output folder, then run again")
+                                     f"{_human(free)} is free{kept}. Free some space or use another output folder, "
+                                     "then run again")
 
 
 def write_atomic(path: PathLike, write: Callable[[IO], None], size_hint: Optional[int] = None) -> Path:
@@ -109,8 +120,7 @@ def write_atomic(path: PathLike, write: Callable[[IO], None], size_hint: Optiona
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{host_name()}.{os.getpid()}.", suffix=".tmp",
-                                   dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -124,6 +134,23 @@ def write_atomic(path: PathLike, write: Callable[[IO], None], size_hint: Optiona
             raise full from None
         raise
     return path
+
+
+def _temporary_prefix(path: Path) -> str:
+    """The start of the name of a temporary of `path`: `.NAME.HOST.PID.` (the writer, for the cleaner)."""
+    return f".{path.name}.{host_name()}.{os.getpid()}."
+
+
+def temporary_folder(path: PathLike) -> Path:
+    """A new empty folder next to `path`, named like write_atomic's temporaries, to be filled and renamed to `path`.
+
+    It gets the permissions the umask allows (tempfile.mkdtemp's are 0700), so that the renamed folder has
+    them; `remove_stale_temporaries` removes it once its writer is dead.
+    """
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
@@ -144,19 +171,23 @@ def remove_stale_temporaries(folder: PathLike, name: Optional[str] = None, all_h
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    mine = re.compile(rf"^\..+\.{re.escape(host_name())}\.(\d+)\.[^.]+\.tmp$")
     removed = []
     for entry in folder.iterdir():
         if not _TEMPORARY.match(entry.name) or (name is not None and not entry.name.startswith(f".{name}.")):
             continue
-        if not all_hosts:
-            m = mine.match(entry.name)
-            if m is None or pid_alive(int(m.group(1))):
-                continue
+        writer = _WRITER.match(entry.name)
+        if not all_hosts and (writer is None or writer["host"] != host_name() or pid_alive(int(writer["pid"]))):
+            continue
         try:
-            if entry.is_file() and not entry.is_symlink():
+            if entry.is_symlink():
+                continue
+            if entry.is_file():
                 entry.unlink()
-                removed.append(entry)
+            elif entry.is_dir() and writer is not None:  # only folders named as temporary_folder names them
+                shutil.rmtree(entry)
+            else:
+                continue
+            removed.append(entry)
         except FileNotFoundError:
             pass
     return removed

@@ -3,49 +3,86 @@
 `train_loader` gives each process its shard of the training set in an order
 that resumes mid-epoch (ResumableDistributedSampler), with loader
 workers that ignore stop signals (only the main process decides when a run
-stops: fcmae.runtime.signals).
+stops: fcmae.runtime.signals) and end with it (fcmae.runtime.lifeline).
+`usable_workers` caps every loader's workers (the evaluation loaders' too)
+at the CPUs the process may run on.
 """
 
 from __future__ import annotations
 
+import os
 import random
-from typing import Optional
+from typing import Optional, Set, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fcmae.runtime import distributed
+from fcmae.runtime.lifeline import loader_worker_init
+from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan
-from fcmae.runtime.signals import ignore_stop_signals
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler whose epoch can start after `start_batch` batches of `batch_size`."""
+    """DistributedSampler whose epoch can start after `start_batch` batches of `batch_size`.
+
+    By default each process's share ends with whole batches (the rest of the shuffled order is left out).
+    With `keep_last` the last, partial batch is kept too: the shares are made equal as torch's sampler makes
+    them (a few images repeated), so every process runs the same number of batches. `max_samples` caps each
+    epoch's share (the plan's: whole optimizer steps, or an even last batch for Mixup/CutMix).
+    """
 
     def __init__(self, dataset, batch_size: int, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                 shuffle: bool = True, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-        self.batch_size = batch_size
+                 shuffle: bool = True, seed: int = 0, keep_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=not keep_last)
+        self.batch_size, self.keep_last = batch_size, keep_last
         self.start_batch = 0
-        self.max_batches: Optional[int] = None  # cap on batches per epoch (e.g. a multiple of update_freq)
+        self.max_samples: Optional[int] = None  # cap on this process's samples per epoch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         super().set_epoch(epoch)
         self.start_batch = start_batch
 
+    def samples_per_epoch(self) -> int:
+        """This process's samples in one epoch (with `keep_last`, the last partial batch's included)."""
+        count = self.num_samples if self.keep_last else self.num_samples // self.batch_size * self.batch_size
+        return count if self.max_samples is None else min(count, self.max_samples)
+
     def batches_per_epoch(self) -> int:
-        full = self.num_samples // self.batch_size
-        return full if self.max_batches is None else min(full, self.max_batches)
+        return -(-self.samples_per_epoch() // self.batch_size)
 
     def __iter__(self):
         indices = list(super().__iter__())
-        usable = self.batches_per_epoch() * self.batch_size
-        return iter(indices[self.start_batch * self.batch_size:usable])
+        return iter(indices[self.start_batch * self.batch_size:self.samples_per_epoch()])
 
     def __len__(self) -> int:
-        return max(self.batches_per_epoch() - self.start_batch, 0) * self.batch_size
+        return max(self.samples_per_epoch() - self.start_batch * self.batch_size, 0)
 
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as torch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+_CAPS_NOTED: Set[Tuple[int, int]] = set()  # (asked, used): each cap is noted once per process
+
+
+def usable_workers(requested: int) -> int:
+    """`requested` loader workers, at most `available_cpus()` (torch warns about more in every run), with a
+    one-line note the first time a request is capped."""
+    cpus = available_cpus()
+    if requested <= cpus:
+        return requested
+    if (requested, cpus) not in _CAPS_NOTED:
+        _CAPS_NOTED.add((requested, cpus))
+        log(f"note: num_workers {requested} is more than the {cpus} CPU(s) this process may use; "
+            f"using {cpus} loader worker(s)")
+    return cpus
 
 
 def seed_everything(seed: int) -> None:
@@ -57,13 +94,16 @@ def seed_everything(seed: int) -> None:
 
 def train_loader(dataset, plan: Plan, num_workers: int, seed: int, info: distributed.DistInfo,
                  collate_fn=None) -> DataLoader:
-    """This process's shard of the training set, in an order that resumes mid-epoch."""
+    """This process's shard of the training set, in an order that resumes mid-epoch.
+
+    Each epoch is the plan's: whole batches, or with `plan.keep_last` the last, partial batch too.
+    """
     sampler = ResumableDistributedSampler(dataset, plan.batch_size, num_replicas=info.world_size, rank=info.rank,
-                                          shuffle=True, seed=seed)
-    sampler.max_batches = plan.iters_per_epoch
+                                          shuffle=True, seed=seed, keep_last=plan.keep_last)
+    sampler.max_samples = plan.images_per_epoch // info.world_size
     # Its own generator keeps the global RNG untouched by the loader; seeded per rank, so that the
     # workers' RNGs differ between ranks and restarts do not depend on torch's default seed.
-    return DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=info.device.type == "cuda", drop_last=True, collate_fn=collate_fn,
+    return DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=usable_workers(num_workers),
+                      pin_memory=info.device.type == "cuda", drop_last=not plan.keep_last, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed + info.rank),
-                      worker_init_fn=ignore_stop_signals)  # the main process alone decides when to stop
+                      worker_init_fn=loader_worker_init)  # the main process alone decides when to stop

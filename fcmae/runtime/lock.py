@@ -1,77 +1,103 @@
-"""One training run per output folder: a lock file, taken by rank 0 before the run writes anything.
+"""One training run per output folder: a lock that rank 0 holds, from before the run writes anything to its end.
 
-`OUTPUT/.fcmae.lock` is created with O_CREAT | O_EXCL (atomic on local file
-systems and on NFS v3 and later, where flock() may be unsupported or local to
-one client) and holds one line of JSON: host, pid, the process's start time
-and the command line. While the run lives, a daemon thread touches the file
-every `HEARTBEAT_S` seconds. The lock is released (the file removed) when
-the run ends, also by an exception or a stop signal.
+Rank 0 opens `OUTPUT/.fcmae.lock` and takes an exclusive `flock` on it
+(LOCK_EX | LOCK_NB), held on the open file for the run's lifetime; the file
+records the holder as one line of JSON: host, pid, when it started and
+the command line. A second run in the folder cannot take it and stops
+with one line naming the holder (LockError, exit 5); it changes nothing in
+the folder.
 
-A run that finds the file stops with one line naming the running one, unless
-the lock is stale:
-- on this host: its process is gone (or the pid now belongs to a process
-  started later);
-- from another host (whose processes cannot be checked): the file was not
-  touched for `STALE_AFTER_S` seconds. This rests on the hosts' clocks (and
-  the file server's) agreeing to within minutes.
-A stale lock is taken over (two runs taking over the same stale lock in the
-same instant may both succeed: the take-over is an unlink, then a create).
-Then the project's temporaries of killed writes in the folder are removed
-(fcmae.runtime.files.remove_stale_temporaries).
+The kernel drops the lock when the holding process ends, however it ends
+(an exception, SIGKILL, a crash): a dead run's lock is free at once and the
+next run takes it; nothing is ever judged stale. Processes forked by the
+holder (loader workers) close their copy of the lock's file, so a worker
+that outlives a killed holder does not keep the folder locked. A node that
+dies holding the lock on a network file system keeps it until the server
+notices (NFSv4: its lease time, about 90 s).
+
+The file is removed at the end of the run (a killed run leaves it, unlocked,
+with its holder's details). Removing it is safe against a run that opened it
+just before: that run checks, once its flock succeeds, that the path still
+names the file it locked, and starts over if not. Do not remove a held lock
+file by hand: a run started after that would take a new one.
+
+File systems: flock must lock across machines where runs of several nodes
+share the output folder. It does on local disks, NFSv4 (Linux maps flock to
+NFS byte-range locks; NFSv3 needs its lock manager) and Lustre mounted
+with `-o flock`; check other parallel file systems' settings. Lustre's `localflock` and NFS's `nolock` mount
+options make it local to one machine, where only runs on the same node
+exclude each other. Where flock is unsupported (Lustre mounted without
+`flock`, NFS without a lock manager) the run stops with one line saying so.
+On NFS the lock is a POSIX lock of the whole file underneath: it belongs to
+the process, not to the open file, so there a second lock taken in the same
+process is not refused, and the holder must not open and close the file
+again (which would drop the lock); nothing in the holder does.
+
+Once the lock is held, the project's temporaries of killed writes in the
+folder are removed (fcmae.runtime.files.remove_stale_temporaries).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Set
 
+from fcmae.runtime import files
 from fcmae.runtime.checkpoint import check_writable
 from fcmae.runtime.errors import LockError
-from fcmae.runtime.files import host_name, pid_alive, remove_stale_temporaries
 
 LOCK_NAME = ".fcmae.lock"
-HEARTBEAT_S = 30.0
-STALE_AFTER_S = 300.0
+# errnos of a file system that cannot flock (Lustre without `-o flock`, NFS without a lock manager)
+UNSUPPORTED_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
+OWNER_WAIT_S = 1.0  # how long a refused run waits for the holder to write its details
+
+# The lock files this process holds: closed in every child it forks (`_close_in_child`).
+_HELD: Set[int] = set()
 
 
-def _start_time(pid: int) -> Optional[str]:
-    """The start time of process `pid` in clock ticks since boot (Linux), to tell a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
-        return None
+def _close_in_child() -> None:
+    """After a fork: close the child's copies of held lock files (the parent keeps its locks)."""
+    for fd in _HELD:
+        try:
+            os.close(fd)  # not flock(LOCK_UN): that would release the parent's lock too
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _describe(owner: Dict[str, Any]) -> str:
+    if "pid" not in owner:
+        return "its details are not written yet"
     return f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started', '?')}: " \
            f"{owner.get('command', '?')}"
 
 
 class OutputLock:
-    """The lock of one output folder.
+    """The lock of one output folder (see the module docstring).
 
     Args:
         folder: the output folder (created if needed).
-        heartbeat_s: how often the lock file is touched while held.
     """
 
-    def __init__(self, folder, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(self, folder):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
-        self.heartbeat_s = heartbeat_s
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.owner = {"host": host_name(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
+        self.owner = {"host": files.host_name(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "command": " ".join(sys.argv)[:500]}
+        self._fd: Optional[int] = None
 
     def read_owner(self) -> Optional[Dict[str, Any]]:
-        """The holder as recorded in the lock file; None when there is none (or it is unreadable)."""
+        """The holder as recorded in the lock file; None when there is none, {} when it is empty or unreadable."""
         try:
             return json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -79,70 +105,96 @@ class OutputLock:
         except (OSError, ValueError):
             return {}
 
-    def is_stale(self, owner: Dict[str, Any]) -> bool:
-        """Whether the recorded holder is gone (see the module docstring for the rule)."""
-        if owner.get("host") == host_name() and isinstance(owner.get("pid"), int):
-            pid = owner["pid"]
-            if pid == os.getpid():
-                return False  # this process holds it (a second run in-process is refused, too)
-            if not pid_alive(pid):
-                return True
-            started = _start_time(pid)
-            return started is not None and owner.get("start") is not None and started != owner["start"]
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return True
-        return age > STALE_AFTER_S
-
     def acquire(self) -> "OutputLock":
         """Take the lock or raise LockError naming the holder; removes stale temporaries once held.
 
-        An output folder that cannot be created or written is a CheckpointError (a one-line error).
+        An output folder that cannot be created or written is a CheckpointError, a full disk a
+        DiskFullError naming the folder (one-line errors); nothing is left behind.
         """
         check_writable(self.folder)
-        for _ in range(3):
+        while self._fd is None:
+            fd = self._open()
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                owner = self.read_owner()
-                if owner is None:
-                    continue  # released meanwhile
-                if owner and not self.is_stale(owner):
-                    raise LockError(
-                        f"{self.folder} is in use by another run ({_describe(owner)}); wait for it to end, "
-                        f"or use another --output_dir. If that run is gone, remove {self.path}") from None
-                if not owner and time.time() - self.path.stat().st_mtime < 5:
-                    time.sleep(1)  # another run is writing its lock file right now
-                    continue
-                self.path.unlink(missing_ok=True)  # stale: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.owner) + "\n")
-            break
-        else:
-            raise LockError(f"could not take the lock {self.path} (other runs keep taking it); try again")
-        self._thread = threading.Thread(target=self._beat, name="fcmae-lock-heartbeat", daemon=True)
-        self._thread.start()
-        remove_stale_temporaries(self.folder)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockError(f"{self.folder} is in use by another run ({_describe(self._holder())}); wait for "
+                                "it to end, or use another --output_dir") from None
+            except OSError as e:
+                if os.fstat(fd).st_size == 0:  # created by this open (no run can hold a lock here)
+                    self.path.unlink(missing_ok=True)
+                os.close(fd)
+                if e.errno not in UNSUPPORTED_ERRNOS:
+                    raise
+                raise LockError(
+                    f"cannot lock {self.path}: the file system of {self.folder} does not support flock ({e.strerror}). "
+                    "Use an output folder on a local disk, NFSv4, or Lustre mounted with -o flock") from None
+            if self._names(fd):
+                self._fd = fd
+                _HELD.add(fd)
+            else:  # its previous holder removed it after this run opened it: lock the file the path names now
+                os.close(fd)
+        try:
+            self._write_owner()
+        except BaseException:
+            self.release()
+            raise
+        files.remove_stale_temporaries(self.folder)
         return self
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
+    def _open(self) -> int:
+        """The lock file, opened for writing (created if missing, never truncated: a holder's details stay)."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            full = files.disk_full_error(e, self.path, keeps_previous=False)
+            if full is not None:
+                raise full from None
+            raise LockError(f"cannot open the lock file {self.path}: {e.strerror or e}") from None
+
+    def _names(self, fd: int) -> bool:
+        """Whether the lock's path still names the file open as `fd`."""
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+    def _holder(self) -> Dict[str, Any]:
+        """The holder's details, waiting up to OWNER_WAIT_S for a holder that is writing them right now."""
+        deadline = time.monotonic() + OWNER_WAIT_S
+        while True:
+            owner = self.read_owner() or {}
+            if "pid" in owner or time.monotonic() > deadline:
+                return owner
+            time.sleep(0.05)
+
+    def _write_owner(self) -> None:
+        """Replace the file's content by this run's details, flushed to disk (a full disk shows here)."""
+        data = (json.dumps(self.owner) + "\n").encode()
+        try:
+            os.ftruncate(self._fd, 0)
+            with os.fdopen(self._fd, "wb", closefd=False) as f:
+                f.write(data)
+                files.flush_to_disk(f)
+        except OSError as e:
+            full = files.disk_full_error(e, self.path, len(data), keeps_previous=False)
+            if full is not None:
+                raise full from None
+            raise
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock file (if it is still ours)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        owner = self.read_owner()
-        if owner and owner.get("pid") == os.getpid() and owner.get("host") == host_name():
-            self.path.unlink(missing_ok=True)
+        """Remove the lock file (when it is still this lock's), then unlock it; a no-op when not held."""
+        fd, self._fd = self._fd, None
+        if fd is None or self.owner["pid"] != os.getpid():  # in a forked child the file was closed at the fork
+            return
+        _HELD.discard(fd)
+        try:
+            if self._names(fd):
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # the last descriptor of the locked file: the lock goes with it
 
 
 @contextmanager

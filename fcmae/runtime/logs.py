@@ -36,7 +36,7 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressMeter:
-    """Progress lines with throughput and ETA over a whole run.
+    """Progress lines with throughput and the ETA of the whole run (`run ETA`: to its last epoch's end).
 
     `total_steps` counts the data iterations of the run; `start_step` is where
     this process started (after a resume), so rates and ETAs only count work
@@ -71,7 +71,7 @@ class ProgressMeter:
             for key, value in metrics.items():
                 parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
             parts.append(f"{rates['images_per_s']:.1f} img/s")
-            parts.append(f"eta {format_duration(rates['eta_s'])}")
+            parts.append(f"run ETA {format_duration(rates['eta_s'])}")  # the rest of the run, not of the epoch
             print("  ".join(parts), file=self.stream, flush=True)
         return rates
 

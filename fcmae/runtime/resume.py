@@ -41,11 +41,12 @@ from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan, make_plan
 
 # Harmless in both commands: where output goes, how often it prints or saves, workers, device, precision, the
-# path of the data (a moved copy; a different number of images is caught by the plan), this flag itself, and
-# how the device computes (torch.compile, TF32; fcmae.runtime.device).
+# path of the data (a moved copy; a different number of images is caught by the plan), this flag itself, how
+# the device computes (torch.compile, TF32; fcmae.runtime.device), restarts and the hang watchdog.
 HARMLESS = ("output_dir", "log_dir", "resume", "dry_run", "world_size", "exit_after_steps", "num_workers",
             "print_every", "save_every", "keep_checkpoints", "device", "amp", "data_path", "cpu_threads",
-            "allow_config_change", "compile", "compile_backend", "tf32")
+            "allow_config_change", "compile", "compile_backend", "tf32", "save_minutes", "max_restarts",
+            "hang_minutes")
 
 
 def _plain(value: Any) -> Any:

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
-from fcmae.runtime.config import parse_value
+from fcmae.runtime.config import parse_value, unknown_key_error
 from fcmae.runtime.errors import ConfigError
 
 AMP_MODES = ("bf16", "fp16", "off")
@@ -132,7 +132,7 @@ def build_config(cls: Type[C], values: Mapping[str, Any]) -> C:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
+        raise unknown_key_error(unknown[0], names, as_flag=False)
     missing = sorted(names - set(values))
     if missing:
         raise ConfigError(f"setting {missing[0]!r} is missing (it belongs in the command's defaults.yaml)")
@@ -181,7 +181,10 @@ class TrainConfig:
     allow_config_change: bool  # resume although settings that change the run differ (fcmae.runtime.resume)
     print_every: int = setting(1)
     save_every: int = setting(0)
+    save_minutes: Optional[float] = setting(0.0, low_open=True)  # timed mid-epoch checkpoints; None = off
     keep_checkpoints: int = setting(0)
+    max_restarts: int = setting(0)  # the launcher restarts a failed run this many times (fcmae.runtime.launch)
+    hang_minutes: Optional[float] = setting(0.0, low_open=True)  # the hang watchdog; None = off
     world_size: Optional[int] = setting(1)
     dry_run: bool
     exit_after_steps: Optional[int] = setting(1)

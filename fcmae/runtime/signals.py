@@ -7,30 +7,48 @@ on by all ranks, so every process stops at the same step even if only one
 received the signal.
 
 Schedulers signal every process of a job, DataLoader workers included:
-`ignore_stop_signals` (the loaders' `worker_init_fn`) makes the workers
-ignore them, so that only the main process decides. A training command
+`ignore_stop_signals` (called by the loaders' `worker_init_fn`,
+fcmae.runtime.lifeline.loader_worker_init) makes the workers ignore them,
+so that only the main process decides. A training command
 calls `install_stop_handler()` before its heavy imports (a signal that
 arrives while torch is being imported must not kill the process) and keeps
 the handler until it exits. This module imports nothing heavy.
+
+Ctrl-C (SIGINT) is a stop like the others while a training loop can save
+(`StopRequest.saving`, set by fcmae.runtime.trainer.Trainer.fit): the run
+saves, says so in one line and exits 130 (fcmae.runtime.command.TrainSpec).
+Before the loop (nothing to save yet), after it, and at a second Ctrl-C it
+raises KeyboardInterrupt at once, which the command prints as one line
+(fcmae.runtime.command.run_cli).
 """
 
 import signal
+import sys
 from typing import Iterable, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPT = signal.SIGINT  # the terminal's Ctrl-C
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130: what a shell reports for a Ctrl-C
 # What loader workers ignore: the stop signals and the terminal's Ctrl-C (the main process handles them).
 WORKER_IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Records a stop signal; `install()` hooks it up, `restore()` puts back the old handlers."""
+    """Records a stop signal; `install()` hooks it up, `restore()` puts back the old handlers and forgets it.
 
-    def __init__(self, signals: Iterable[int] = STOP_SIGNALS):
+    SIGINT is recorded only while `saving` and no stop was recorded before; otherwise it raises
+    KeyboardInterrupt (see the module docstring).
+    """
+
+    def __init__(self, signals: Iterable[int] = STOP_SIGNALS + (INTERRUPT,)):
         self.signals = list(signals)
         self.received: Optional[int] = None
+        self.saving = False  # a training loop runs that stops and saves at the next iteration
         self._previous = {}
 
     def _handle(self, signum, frame):  # noqa: ARG002 (signal handler signature)
+        if signum == INTERRUPT and (not self.saving or self.received is not None):
+            raise KeyboardInterrupt  # nothing to save, or a second Ctrl-C: stop at once
         if self.received is None:  # the first one names the stop (a launcher may pass on another one later)
             self.received = signum
 
@@ -53,6 +71,12 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+        self.received, self.saving = None, False
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop is a Ctrl-C (exit code INTERRUPTED_EXIT_CODE, no SLURM requeue)."""
+        return self.received == INTERRUPT
 
     @property
     def signal_name(self) -> str:
@@ -64,8 +88,31 @@ STOP = StopRequest()
 
 
 def install_stop_handler() -> StopRequest:
-    """Record SIGTERM / SIGUSR1 from now until the process exits (call it first thing in a command)."""
+    """Record SIGTERM / SIGUSR1 from now until the process exits (call it first thing in a command).
+
+    A Ctrl-C before the command's own error handling is in place (while its modules are imported) prints one
+    line instead of a traceback (`quiet_ctrl_c`).
+    """
+    quiet_ctrl_c()
     return STOP.install()
+
+
+def quiet_ctrl_c() -> None:
+    """From now on a KeyboardInterrupt that nothing catches prints one line, not a traceback (sys.excepthook).
+
+    For the time a command's modules are imported; its own error handling (fcmae.runtime.command.run_cli)
+    takes over once it runs.
+    """
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _one_line_for_ctrl_c
+
+
+def _one_line_for_ctrl_c(kind, value, traceback) -> None:
+    """sys.excepthook: a KeyboardInterrupt that nothing caught is one line; anything else as Python prints it."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted before the command started; nothing was saved", file=sys.stderr, flush=True)
+    else:
+        sys.__excepthook__(kind, value, traceback)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001 (DataLoader's worker_init_fn signature)

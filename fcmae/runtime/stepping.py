@@ -4,8 +4,11 @@
 non-finite loss must stop the run, without a host sync per iteration. Each
 iteration's loss is recorded on the device; `check` then either only reads
 the local stop flag (one process, between optimizer steps) or does one
-all-reduce of [stop requested, non-finite loss, other failure] and one host
-sync, and adds the checked losses to the epoch's running sum. A failure that
+all-reduce of [stop requested (by which signal), non-finite loss, other
+failure, timed save due] and one host sync, and adds the checked losses
+to the epoch's running sum. The last flag carries rank 0's `save_due()` at
+optimizer-step boundaries (fcmae.runtime.timed_saves): every rank reads the same
+`save_now` from it. A failure that
 one rank meets alone (too many unreadable images) is only recorded
 (`fail_at_next_check`) and raised on every rank at the next check, so no
 rank is left waiting in a collective.
@@ -20,7 +23,7 @@ checkpoint is written at once and a resumed run continues exactly.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -44,6 +47,9 @@ class StopAgreement:
         self.exit_requested = False  # exit_after_steps reached: stops like a signal, but no SLURM requeue follows
         self.unchecked: List[Tuple[torch.Tensor, int, int, int]] = []  # (loss, epoch, iteration, optimizer step)
         self.failure: Optional[BaseException] = None  # raised on every rank at the next check
+        self.save_due: Callable[[], bool] = lambda: False  # rank 0's timed-checkpoint clock (set by the Trainer)
+        self.save_now = False  # agreed by the last check: every rank saves a timed checkpoint now
+        self.signal: Optional[int] = None  # agreed by the last check: the stop signal of some rank (see check)
 
     def record(self, loss: torch.Tensor, epoch: int, iteration: int, step: int) -> torch.Tensor:
         """Keep an iteration's loss for the next check; returns it detached, as float32, on the device."""
@@ -71,20 +77,30 @@ class StopAgreement:
         to `state`'s epoch sums. When some rank saw a non-finite loss or
         recorded a failure, every rank raises the lowest such rank's error
         (NonFiniteLossError, or what `fail_at_next_check` got) with the same
-        message.
+        message. Afterwards `save_now` says whether every rank takes a timed
+        checkpoint at this boundary, and `signal` is the stop signal that some
+        rank received (the highest number when ranks received different ones;
+        None for exit_after_steps alone), the same on every rank: the stop
+        flag carries each rank's signal number.
         """
         if self.exit_after_steps is not None and step >= self.exit_after_steps:
             self.exit_requested = True
         asked = self.stop.received is not None or self.exit_requested
+        self.save_now, self.signal = False, self.stop.received
         if self.info.world_size == 1 and not boundary and self.failure is None:
             return asked
         pending, self.unchecked = self.unchecked, []
         losses = torch.stack([loss for loss, *_ in pending]) if pending else torch.zeros(0, device=self.device)
-        flags = torch.tensor([float(asked), 0.0, float(self.failure is not None)]).to(losses.device)
+        save = boundary and self.info.is_main and self.save_due()
+        # the stop flag: this rank's signal number, 0.5 for exit_after_steps alone, 0 for no stop
+        own_stop = float(self.stop.received) if self.stop.received is not None else 0.5 * self.exit_requested
+        flags = torch.tensor([own_stop, 0.0, float(self.failure is not None), float(save)]).to(losses.device)
         flags[1] = (~torch.isfinite(losses)).any()
         flags = distributed.all_reduce_max(flags, self.reduce_device())
         values = torch.cat([flags.float().to(losses.device), losses]).tolist()  # the one host sync
-        stop, non_finite, failed, local_losses = values[0], values[1], values[2], values[3:]
+        stop, non_finite, failed, local_losses = values[0], values[1], values[2], values[4:]
+        self.save_now = boundary and values[3] > 0
+        self.signal = int(stop) if stop >= 1 else None
         for value in local_losses:
             state.epoch_loss_sum += value
             state.epoch_loss_count += 1

@@ -10,7 +10,10 @@ A command builds its data, model, optimizer and step function, then:
 One iteration (`train_one_epoch`): the lr of the optimizer step, the batch's
 unreadable files counted, `step_fn(model, inputs)` under autocast, backward;
 every `update_freq` iterations an optimizer step; then the processes agree
-whether to stop (fcmae.runtime.stepping.StopAgreement).
+whether to stop, and whether a timed checkpoint is due
+(fcmae.runtime.stepping.StopAgreement, fcmae.runtime.timed_saves: rank 0
+writes it in the background). Each iteration also tells the hang watchdog
+that training goes on (fcmae.runtime.watchdog).
 
 The loop counts two kinds of steps:
 - iterations: one batch through the model per process;
@@ -19,13 +22,15 @@ The loop counts two kinds of steps:
   only at optimizer-step boundaries, so a resumed run continues with exactly
   the same state.
 
-A stop (SIGTERM / SIGUSR1, fcmae.runtime.signals) is seen after the
-iteration during which it arrived. Between boundaries the run goes back to
-the last one (fcmae.runtime.stepping.AccumulationWindow), so the checkpoint
+A stop (SIGTERM / SIGUSR1, or a first Ctrl-C while `fit` runs:
+fcmae.runtime.signals) is seen after the iteration during which it
+arrived. Between boundaries the run goes back to the last one
+(fcmae.runtime.stepping.AccumulationWindow), so the checkpoint
 is written at once, not `update_freq` iterations later. A stop in an epoch's
 last iteration is saved before the epoch's evaluation (`end_epoch`), which
-the resumed run then does. The process then exits 0; under SLURM with
-`--requeue`, rank 0 first requeues the job (fcmae.runtime.launch.slurm). An
+the resumed run then does. The process then exits 0 (130 after a Ctrl-C);
+under SLURM with `--requeue`, rank 0 first requeues the job
+(fcmae.runtime.launch.slurm), except after a Ctrl-C. An
 evaluation that fails (an unreadable validation image) saves the same
 checkpoint before the error leaves (`_end_epoch`).
 """
@@ -33,6 +38,8 @@ checkpoint before the error leaves (`_end_epoch`).
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,8 +56,10 @@ from fcmae.runtime.errors import CheckpointError, NonFiniteLossError
 from fcmae.runtime.launch import slurm
 from fcmae.runtime.logs import JsonlLogger, ProgressMeter, TensorBoard, log
 from fcmae.runtime.plan import Plan, cosine_lr, set_lr
-from fcmae.runtime.signals import STOP, StopRequest
+from fcmae.runtime.signals import STOP, STOP_SIGNALS, StopRequest
 from fcmae.runtime.stepping import AccumulationWindow, StopAgreement
+from fcmae.runtime.timed_saves import BackgroundWriter, HostSnapshot, SaveClock
+from fcmae.runtime.watchdog import HangWatchdog
 
 
 @dataclass
@@ -86,13 +95,17 @@ class LoopSettings:
     keep_checkpoints: int
     clip_grad: Optional[float] = None
     exit_after_steps: Optional[int] = None  # behave as if pre-empted after this many optimizer steps (tests)
+    images_per_epoch: Optional[int] = None  # samples trained on per epoch (a partial last batch's included)
+    save_minutes: Optional[float] = None  # timed mid-epoch checkpoints (fcmae.runtime.timed_saves); None: off
+    hang_minutes: Optional[float] = None  # the hang watchdog (fcmae.runtime.watchdog); None: off
 
     @classmethod
     def of(cls, cfg, plan: Plan) -> "LoopSettings":
         """From a TrainConfig and the plan of its data set."""
         return cls(cfg.epochs, plan.iters_per_epoch, plan.update_freq, plan.lr, cfg.min_lr, plan.warmup_steps,
                    plan.total_steps, plan.images_per_iter, cfg.amp, cfg.print_every, cfg.save_every,
-                   cfg.keep_checkpoints, cfg.clip_grad, cfg.exit_after_steps)
+                   cfg.keep_checkpoints, cfg.clip_grad, cfg.exit_after_steps, plan.images_per_epoch,
+                   save_minutes=cfg.save_minutes, hang_minutes=cfg.hang_minutes)
 
 
 class Trainer:
@@ -114,6 +127,8 @@ class Trainer:
             applied before DDP wraps it; checkpoints keep `model`'s plain parameter names.
         bad_inputs: counts the unreadable files each batch skipped and stops the run when there are too many
             (fcmae.data.folder.BadImageTracker: `report(bad, fail)`), or None.
+        is_best_epoch: () -> whether the epoch `end_epoch` just evaluated is the best so far (the same on every
+            rank); its checkpoint is then also kept as checkpoint-best.pth. None: no such file.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -123,19 +138,26 @@ class Trainer:
                  after_step: Optional[Callable[[torch.nn.Module, int], None]] = None,
                  extra_state: Optional[Callable[[], Dict[str, Any]]] = None,
                  compile_fn: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
-                 bad_inputs=None):
+                 bad_inputs=None, is_best_epoch: Optional[Callable[[], bool]] = None):
         self.model, self.optimizer, self.step_fn, self.settings = model, optimizer, step_fn, settings
         self.info, self.device = info, info.device
         self.output_dir, self.log_dir, self.config = Path(output_dir), log_dir, config
         self.scaler, self.after_step, self.extra_state = scaler, after_step, extra_state
-        self.bad_inputs = bad_inputs
+        self.bad_inputs, self.is_best_epoch = bad_inputs, is_best_epoch
         self.state = RunState()
         # The process's stop request when a command installed it before its imports; else (in-process
         # callers such as tests) one of this trainer's own, installed while fit() runs.
         self.stop = STOP if STOP.installed else StopRequest()
         self.agreement = StopAgreement(info, self.stop, settings.exit_after_steps)
+        # Timed checkpoints: rank 0's clock, agreed on in the step's all-reduce; rank 0 writes in the background.
+        self.save_clock = SaveClock(settings.save_minutes)
+        self.agreement.save_due = self.save_clock.due
+        self.writer, self.snapshot = BackgroundWriter(), HostSnapshot()
+        self.watchdog = HangWatchdog(settings.hang_minutes, self.output_dir, info.rank)  # runs while fit() does
         self.jsonl: Optional[JsonlLogger] = None  # set while fit() runs
         self.tb: Optional[TensorBoard] = None
+        # The last epoch's training in this process (`fit`): {"seconds", "images_per_s"}; end_epoch reads it.
+        self.epoch_timing: Dict[str, float] = {}
         runner = compile_fn(model) if compile_fn is not None else model
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -186,8 +208,17 @@ class Trainer:
             log(f"resumed from {path}: epoch {self.state.epoch + 1}, iteration {self.state.iteration}, "
                 f"step {self.state.step}")
 
-    def save(self, epoch_done: Optional[int] = None) -> None:
-        """The checkpoint of the run as it stands (called on every rank; rank 0 writes)."""
+    def save(self, epoch_done: Optional[int] = None, best: bool = False, background: bool = False) -> None:
+        """The checkpoint of the run as it stands (called on every rank; rank 0 writes), also as
+        checkpoint-best.pth when `best`.
+
+        `background` (timed checkpoints): rank 0 copies the state to host memory and writes the file in a
+        thread (fcmae.runtime.timed_saves). Any save first waits for the write in flight, whose error (a full
+        disk) leaves here.
+        """
+        error = self.writer.wait()
+        if error is not None:
+            raise error
         per_rank = distributed.all_gather_object(
             (ckpt.rng_state(), [self.state.epoch_loss_sum, self.state.epoch_loss_count]))
         if self.info.is_main:
@@ -197,9 +228,16 @@ class Trainer:
                        "rng": [rng for rng, _ in per_rank], "epoch_loss": [loss for _, loss in per_rank],
                        "config": self.config, "world_size": self.info.world_size,
                        **(self.extra_state() if self.extra_state is not None else {})}
-            ckpt.save_checkpoint(payload, self.output_dir, epoch_done=epoch_done,
-                                 save_every=self.settings.save_every, keep=self.settings.keep_checkpoints)
-        distributed.barrier()
+            if background:
+                snapshot = self.snapshot.take(payload)
+                self.writer.start(lambda: ckpt.save_checkpoint(snapshot, self.output_dir))
+            else:
+                ckpt.save_checkpoint(payload, self.output_dir, epoch_done=epoch_done,
+                                     save_every=self.settings.save_every, keep=self.settings.keep_checkpoints,
+                                     best=best)
+        self.save_clock.saved()
+        if not background:
+            distributed.barrier()
 
     # ------------------------------------------------------------ the run
     def fail_at_next_check(self, error: Exception) -> None:
@@ -224,28 +262,40 @@ class Trainer:
                                  start_step=self.state.epoch * s.iters_per_epoch + self.state.iteration, enabled=main)
         installed_here = not self.stop.installed
         self.stop.install()
+        self.stop.saving = True  # a Ctrl-C from now on stops at the next iteration and saves (fcmae.runtime.signals)
+        self.watchdog.start()
         try:
             while self.state.epoch < s.epochs:
+                started, first_iteration = time.perf_counter(), self.state.iteration
                 loader.sampler.set_epoch(self.state.epoch, start_batch=self.state.iteration)
                 loader.dataset.set_epoch(self.state.epoch)
                 if not self.train_one_epoch(loader, progress):
                     self._stop_and_save()
                     return False
+                self._time_epoch(time.perf_counter() - started, first_iteration)
                 local = self.state.epoch_loss_sum / max(self.state.epoch_loss_count, 1)
+                self.watchdog.beat()  # the epoch's end has hang_minutes of its own
                 self._end_epoch(end_epoch, distributed.all_reduce_mean(local, self.agreement.reduce_device()))
                 self.state.epoch += 1
                 self.state.iteration = 0
                 self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
-                self.save(epoch_done=self.state.epoch)
+                self.save(epoch_done=self.state.epoch,
+                          best=self.is_best_epoch is not None and self.is_best_epoch())
+                self.watchdog.beat()
         except NonFiniteLossError as e:
             last = ckpt.find_latest_checkpoint(self.output_dir)
             raise NonFiniteLossError(
                 f"{e}. The last good checkpoint ({last or 'none yet'}) is kept; lower the learning rate "
                 "(--blr) or use --amp bf16/off, then run again to resume from it") from None
         finally:
+            self.watchdog.stop()
+            self.stop.saving = False
             if installed_here:  # installed by a command's early set-up it stays until the process exits
                 self.stop.restore()
             self.tb.close()
+            error = self.writer.wait()  # a timed checkpoint still being written
+            if error is not None and sys.exc_info()[1] is None:  # else the error on its way out is the one to report
+                raise error
         return True
 
     def train_one_epoch(self, loader, progress: ProgressMeter) -> bool:
@@ -275,8 +325,12 @@ class Trainer:
             state.iteration += 1
             if boundary:
                 self._optimizer_step()
+            failed_write = self.writer.failure()  # a timed checkpoint that could not be written stops every rank
+            if failed_write is not None:
+                self.fail_at_next_check(failed_write)
             # before the progress line, which a non-finite loss must not reach
             stop = self.agreement.check(state, state.step, boundary)
+            self.watchdog.beat()
             if boundary:
                 if state.iteration % (s.print_every * s.update_freq) == 0 or state.iteration == s.iters_per_epoch:
                     self._log_progress(progress, torch.stack(step_losses).mean(), lr)
@@ -285,7 +339,17 @@ class Trainer:
                 if not boundary:
                     window.roll_back(state, self.optimizer, self.agreement)
                 return False
+            if self.agreement.save_now and state.iteration < s.iters_per_epoch:  # the epoch's own save is next
+                self._timed_save()
         return True
+
+    def _timed_save(self) -> None:
+        """A timed checkpoint (checkpoint-last.pth) at this optimizer-step boundary, written in the background."""
+        started = time.perf_counter()
+        self.save(background=True)
+        log(f"timed checkpoint at epoch {self.state.epoch + 1}, step {self.state.step} (save_minutes "
+            f"{self.settings.save_minutes:g}); the step waited {time.perf_counter() - started:.2f} s, the file is "
+            "written in the background")
 
     def _forward_backward(self, model: torch.nn.Module, inputs, boundary: bool) -> torch.Tensor:
         """One micro-batch: the step function under autocast, then the scaled backward; returns the loss.
@@ -303,6 +367,13 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return value
 
+
+    def _time_epoch(self, seconds: float, first_iteration: int) -> None:
+        """`epoch_timing` of an epoch trained from `first_iteration` (not 0 when it was resumed) in `seconds`."""
+        s = self.settings
+        per_epoch = s.images_per_epoch or s.iters_per_epoch * s.images_per_iter
+        images = per_epoch * (s.iters_per_epoch - first_iteration) / s.iters_per_epoch
+        self.epoch_timing = {"seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}
 
     def _end_epoch(self, end_epoch: Callable[[float], None], mean_loss: float) -> None:
         """`end_epoch`; should it fail (an unreadable validation image), the epoch's training is saved first.
@@ -333,13 +404,26 @@ class Trainer:
     def _stop_and_save(self) -> None:
         """Save the stopped run (every rank), say so, and under SLURM let rank 0 requeue the job."""
         self.save()
-        log(f"stopped by {self.stop.signal_name or 'exit_after_steps'} at epoch {self.state.epoch + 1}, iteration "
+        if self.stop.interrupted:  # Ctrl-C: the command exits 130 (TrainSpec.main); no SLURM requeue
+            log(f"interrupted at epoch {self.state.epoch + 1}, step {self.state.step}; checkpoint saved in "
+                f"{self.output_dir}; run the same command to resume")
+            return
+        log(f"stopped by {self._stop_cause()} at epoch {self.state.epoch + 1}, iteration "
             f"{self.state.iteration}, step {self.state.step}; checkpoint saved in {self.output_dir}. Run the same "
             "command again to resume.")
-        if self.info.is_main and self.stop.received is not None:
+        if self.info.is_main and self.agreement.signal in STOP_SIGNALS:  # also when another rank received it
             note = slurm.requeue_if_running(os.environ)
             if note:
                 log(note)
+
+    def _stop_cause(self) -> str:
+        """What stopped the run, as this rank says it: the signal the ranks agreed on (StopAgreement.signal),
+        received here or on another rank, or exit_after_steps."""
+        agreed = self.agreement.signal
+        if agreed is None:
+            return "exit_after_steps"
+        name = signal.Signals(agreed).name
+        return name if agreed == self.stop.received else f"{name} on another rank"
 
     def _optimizer_step(self) -> None:
         clip = self.settings.clip_grad
@@ -368,7 +452,8 @@ class Trainer:
         mean_loss = float(distributed.all_reduce_mean(step_loss, self.agreement.reduce_device()))
         rates = progress.line(state.epoch, s.epochs, state.iteration, s.iters_per_epoch,
                               state.epoch * s.iters_per_epoch + state.iteration, {"loss": mean_loss, "lr": lr})
-        record = {"epoch": state.epoch, "iteration": state.iteration, "step": state.step, "loss": mean_loss,
+        # epochs count from 1 here as in every record of log.jsonl (RunState.epoch is 0-based)
+        record = {"epoch": state.epoch + 1, "iteration": state.iteration, "step": state.step, "loss": mean_loss,
                   "lr": lr, "images_per_s": rates["images_per_s"], "time": time.time()}
         self.jsonl.write({"type": "train", **record})
         self.tb.scalars({"loss": mean_loss, "lr": lr, "images_per_s": rates["images_per_s"]}, state.step,

@@ -21,12 +21,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
 
+from fcmae.runtime.files import temporary_folder
 from fcmae.weights.io import write_weights
 from fcmae.weights.layouts import ConversionError
 
@@ -82,8 +82,8 @@ def to_hf(timm_state: StateDict) -> Tuple[StateDict, Dict[str, str]]:
 def save_hf(conversion, output) -> Path:
     """Write `conversion` (a finetune.convert.Conversion) as a Hugging Face folder; replaces OUT whole.
 
-    The folder is built next to OUT and renamed into place, so an existing
-    OUT is never left half-written.
+    The folder is built next to OUT (fcmae.runtime.files.temporary_folder)
+    and renamed into place, so an existing OUT is never left half-written.
     """
 
     output = Path(output)
@@ -92,7 +92,7 @@ def save_hf(conversion, output) -> Path:
     weights, dropped = to_hf(conversion.state_dict)
     conversion.dropped.update(dropped)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = temporary_folder(output)  # the umask's permissions; removed by the converter if this process is killed
     try:
         write_weights(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         config = hf_config(conversion.depths, conversion.dims, conversion.in_chans)

@@ -163,3 +163,28 @@ def test_bench_data_prints_a_line_per_pipeline_and_the_ratio(tmp_path, capsys):
             bench_data.main(["--data_path", str(tmp_path), "--device", "cuda"])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.strip() == "bench_data: error: --device cuda: no CUDA device is available"
+
+
+@pytest.mark.parametrize("mode,in_chans", [("L", 1), ("RGB", 3)])
+def test_pillow_crops_become_tensors_over_writable_arrays(tmp_path, monkeypatch, mode, in_chans):
+    """torch warns (once per process) and leaves writes undefined for a tensor over a read-only array: every
+    array the Pillow crop path hands to torch.from_numpy must be writable, one-channel crops included."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (80, 96, in_chans), dtype=np.uint8).squeeze(), mode).save(
+            folder / f"{i}.png")
+    seen = []
+    real = torch.from_numpy
+
+    def recording_from_numpy(array):
+        seen.append(array.flags.writeable)
+        return real(array)
+
+    monkeypatch.setattr(torch, "from_numpy", recording_from_numpy)
+    dataset = ImageFolderDataset(folder, input_size=32, in_chans=in_chans, mean=[0.5] * in_chans,
+                                 std=[0.25] * in_chans)
+    image, bad = dataset[0]
+    assert image.shape == (in_chans, 32, 32) and not bad
+    assert seen and all(seen), seen

@@ -15,9 +15,11 @@ from fcmae.model import build_fcmae
 from fcmae.pretrain import main as main_pretrain
 from fcmae.pretrain.init import apply_init, check_fits, read_init
 from fcmae.runtime.errors import UsageError
+from fcmae.runtime.logs import read_jsonl
 from fcmae.weights.conversion import to_timm
 from fcmae.weights.layouts import to_reference, to_reference_fcmae
 from finetune.convert import main as convert_main
+from finetune.knn import main as knn_main
 from finetune.main_finetune import main as finetune_main
 from tests.helpers import CPU_ARGS, TINY_ARGS, randomize_
 
@@ -84,6 +86,14 @@ def test_png16_one_channel_pretrain_convert_finetune_with_auto_mean_std(png16, t
     saved = checkpoint_config(pre / "checkpoint-last.pth")
     assert (saved["in_chans"], saved["mean"], saved["std"]) == (1, mean, std)
     assert (pre / "reconstruction.png").is_file()
+    # fcmae-knn on the checkpoint takes its channels, normalisation and size: the monitor's last result, no flags.
+    monitor = [r for r in read_jsonl(pre / "log.jsonl") if r["type"] == "knn"][-1]
+    capsys.readouterr()
+    run(knn_main, [str(pre / "checkpoint-last.pth"), "--data_path", str(png16), "--device", "cpu",
+                   "--num_workers", "0"])
+    text = capsys.readouterr().out
+    assert f"1 channel(s), mean {mean}, std {std}" in text
+    assert f"top-1 {monitor['top1']:.2f}%" in text and "at 64x64, crop_pct 0.875" in text
 
     # A resumed run reuses the stored values instead of computing them again.
     run(main_pretrain.main, ["atto", "demo", *PRE, "--data_path", str(png16), "--in_chans", "1", "--mean", "auto",
@@ -109,10 +119,11 @@ def test_png16_one_channel_pretrain_convert_finetune_with_auto_mean_std(png16, t
     assert (stored_config(ft)["mean"], stored_config(ft)["std"]) == (mean, std)
     assert checkpoint_config(ft / "checkpoint-last.pth")["mean"] == mean
     # --eval of the fine-tuned checkpoint normalises as its training did.
-    run(finetune_main, ["atto", *FT, "--data_path", str(png16), "--in_chans", "1", "--eval", "true", "--resume",
-                        str(ft / "checkpoint-last.pth"), "--output_dir", str(ft)])
+    run(finetune_main, ["atto", *FT, "--data_path", str(png16), "--eval", "true", "--resume",
+                        str(ft / "checkpoint-last.pth")])  # in_chans too is the checkpoint's
     text = capsys.readouterr().out
     assert "normalisation from the fine-tuning checkpoint" in text and "eval model: top-1" in text
+    assert "in_chans 1" in text and (ft / "eval.jsonl").is_file()
     # From the converted file (no config inside): null means auto for 16-bit data, computed from train/.
     run(finetune_main, ["atto", str(dense), *FT, "--data_path", str(png16), "--in_chans", "1",
                         "--output_dir", str(tmp_path / "ft2")])

@@ -82,6 +82,7 @@ def test_knn_and_linprobe_commands(tmp_path, capsys):
     assert "3 classes, 18 train / 9 val images at 32x32" in out
     top1 = float(out.split("top-1 ")[1].split("%")[0])
     assert top1 >= 80  # colours are easy even for random features; chance is 33%
+    assert "top-5" not in out  # 3 classes: every image's class is among the best 5
 
     code, out, err = run_main(linprobe.main, ["none", "--data_path", str(data), *ARCH, *RUN, "--epochs", "20",
                                               "--warmup_epochs", "2", "--head_batch_size", "8", "--blr", "1.0"],
@@ -89,6 +90,26 @@ def test_knn_and_linprobe_commands(tmp_path, capsys):
     assert code == 0, err
     assert "epoch 20/20" in out
     assert float(out.split("linprobe  top-1 ")[1].split("%")[0]) >= 80
+    assert "(9 val images at 32x32, crop_pct 1.0, checkpoint none)" in out  # what was evaluated, and how
+    assert "top-5" not in out
+    assert "cached 16-d features of the 18 training and 9 validation images; training the head" in out  # one process
+
+
+def test_top5_is_reported_only_with_more_than_5_classes():
+    """kNN and the linear probe (fine-tuning's evaluate: tests/finetune/test_finetune.py)."""
+    for classes, reported in ((5, False), (6, True)):
+        feats = F.normalize(torch.randn(4 * classes, 8, generator=torch.Generator().manual_seed(classes)), dim=1)
+        labels = torch.arange(4 * classes) % classes
+        loader = [(feats, labels)]
+        result = knn_core.knn_evaluate(lambda x: x, loader, loader, torch.device("cpu"), classes, k=3)
+        assert ("top5" in result) == reported and result["top1"] == 100.0  # each image is its own neighbour
+        probe = linprobe.evaluate_probe(linprobe.LinearProbe(8, classes), feats, labels)
+        assert ("top5" in probe) == reported and probe["count"] == 4 * classes
+
+
+def test_an_unknown_flag_names_the_closest_one(capsys):
+    code, _, err = run_main(knn.main, ["none", "--demo", "--kk", "5"], capsys)
+    assert code == 2 and "unrecognized argument --kk; did you mean --k?" in err, err
 
 
 def test_linear_probe_reads_the_loss_on_the_host_once_per_epoch(monkeypatch):
@@ -134,12 +155,13 @@ def test_checkpoint_weights_are_used(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("case, message", [
-    ("no_val", "has no val/ folder"),
+    ("no_val", "has no val/ folder: fcmae-knn needs"),  # the command that runs, not fine-tuning
     ("mismatch", "the classes of train/ and val/ differ"),
     ("empty_class", "class folder(s) without images"),
     ("no_classes", "has no class sub-folders"),
     ("one_class", "need at least 2"),
     ("other_size", "size mismatch"),
+    ("other_size", "but the model fcmae-knn evaluates is"),  # not "the model to fine-tune"
     ("missing_file", "checkpoint not found"),
     ("unreadable", "unreadable image"),
 ])
@@ -148,7 +170,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, message):
 
 
 @pytest.mark.parametrize("case, message", [("mismatch", "the classes of train/ and val/ differ"),
-                                           ("other_size", "size mismatch"), ("unreadable", "unreadable image")])
+                                           ("no_val", "has no val/ folder: fcmae-linprobe needs"),
+                                           ("other_size", "but the model fcmae-linprobe evaluates is"),
+                                           ("unreadable", "unreadable image")])
 def test_linprobe_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, message):
     check_bad_input(tmp_path, capsys, case, message, linprobe.main)
 
@@ -250,7 +274,7 @@ def test_python_m_entry_point(tmp_path):
                              "--epochs", "2", "--warmup_epochs", "0", "--head_batch_size", "4"],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr
-    assert "linprobe  top-1" in result.stdout and "top-5" in result.stdout
+    assert "linprobe  top-1" in result.stdout and "top-5" not in result.stdout  # 3 classes
 
 
 def test_knn_of_the_fcmae_encoder_equals_knn_of_its_converted_weights(tmp_path):

@@ -25,8 +25,13 @@ def shuffled_folder(root: Path) -> Path:
     return root
 
 
+# A normalisation of the run's own (stored in its checkpoints), which fcmae-knn must take from the checkpoint.
+NORM = ["--mean", "[0.5, 0.4, 0.3]", "--std", "[0.2, 0.25, 0.3]"]
+
+
 def monitored(image_dir, knn_dir, out, *extra):
-    return tiny_args(image_dir, out, "--epochs", "3", "--knn_data_path", str(knn_dir), "--knn_every", "2", *extra)
+    return tiny_args(image_dir, out, "--epochs", "3", "--knn_data_path", str(knn_dir), "--knn_every", "2", *NORM,
+                     *extra)
 
 
 @pytest.fixture(scope="module")
@@ -43,53 +48,64 @@ def knn_run(image_dir, tmp_path_factory):
     return knn_dir, out, text.getvalue()
 
 
-def test_monitor_logs_top1_top5_after_the_right_epochs(knn_run):
+def test_monitor_logs_top1_after_the_right_epochs_and_top5_only_beyond_5_classes(knn_run):
     _, out, text = knn_run
     records = [r for r in read_jsonl(out / "log.jsonl") if r["type"] == "knn"]
     assert [(r["epoch"], r["step"]) for r in records] == [(2, 12), (3, 18)]  # 6 steps per epoch
-    assert all(0 <= r["top1"] <= r["top5"] <= 100 and r["count"] == 12 for r in records)
+    # 3 classes: every image's class is among the best 5, so no top-5 anywhere
+    assert all(0 <= r["top1"] <= 100 and "top5" not in r and r["count"] == 12 for r in records)
     assert "kNN monitor: " in text and "3 classes, 18 train / 12 val images at 64x64; k=20, T=0.07" in text
     epoch_lines = [line for line in text.splitlines() if re.match(r"epoch \d/3 done", line)]
     assert len(epoch_lines) == 3 and "knn" not in epoch_lines[0]
     for line, r in zip(epoch_lines[1:], records):
-        assert f"knn top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}%" in line
+        assert f"knn top-1 {r['top1']:.2f}%" in line and "top-5" not in line
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    for key in ("top1", "top5"):
-        scalars = events.Scalars(f"knn/{key}")
-        assert [s.step for s in scalars] == [12, 18]
-        assert [s.value for s in scalars] == pytest.approx([r[key] for r in records])
+    scalars = events.Scalars("knn/top1")
+    assert [s.step for s in scalars] == [12, 18]
+    assert [s.value for s in scalars] == pytest.approx([r["top1"] for r in records])
+    assert "knn/top5" not in events.Tags()["scalars"]
 
 
 def test_monitor_equals_fcmae_knn_on_the_saved_weights(knn_run, capsys):
-    """The last record is the kNN of the final weights: what fcmae-knn computes from checkpoint-last.pth."""
+    """The last record is the kNN of the final weights: what fcmae-knn computes from checkpoint-last.pth, which
+    takes the run's input size, crop and normalisation from the checkpoint (no flags repeated)."""
     from finetune import knn
 
     knn_dir, out, _ = knn_run
     last = [r for r in read_jsonl(out / "log.jsonl") if r["type"] == "knn"][-1]
     assert 0 < last["top1"] < 100  # a case where wrong features would show
-    code, text, err = run_main(knn.main, [str(out / "checkpoint-last.pth"), "--data_path", str(knn_dir), "--device",
-                                          "cpu", "--num_workers", "0", "--input_size", "64", "--crop_pct", "0.875"],
-                               capsys)
+    assert (last["input_size"], last["crop_pct"]) == (64, 0.875)
+    checkpoint = out / "checkpoint-last.pth"
+    code, text, err = run_main(knn.main, [str(checkpoint), "--data_path", str(knn_dir), "--device", "cpu",
+                                          "--num_workers", "0"], capsys)
     assert code == 0, err
-    assert f"top-1 {last['top1']:.2f}%  top-5 {last['top5']:.2f}%" in text
+    assert "mean [0.5, 0.4, 0.3], std [0.2, 0.25, 0.3]" in text
+    assert (f"top-1 {last['top1']:.2f}%  (12 val images at 64x64, crop_pct 0.875, checkpoint {checkpoint})"
+            in text and "top-5" not in text)  # 3 classes: no top-5
+    # A flag that differs from the checkpoint wins, and says so.
+    code, text, err = run_main(knn.main, [str(checkpoint), "--data_path", str(knn_dir), "--device", "cpu",
+                                          "--num_workers", "0", "--input_size", "32"], capsys)
+    assert code == 0, err
+    assert f"note: input_size 32 as given, 64 in the checkpoint {checkpoint}; using 32" in text
+    assert "val images at 32x32, crop_pct 0.875" in text
 
 
 def test_monitor_leaves_the_training_run_as_it_was(knn_run, image_dir, tmp_path):
     """Same losses with and without the monitor: it draws nothing from the RNGs that masks and crops use."""
     _, out, _ = knn_run
     plain = tmp_path / "plain"
-    assert run(tiny_args(image_dir, plain, "--epochs", "3")) == 0
+    assert run(tiny_args(image_dir, plain, "--epochs", "3", *NORM)) == 0
     assert train_losses(out) == train_losses(plain)
 
 
 # ---------------------------------------------------------------- bad folders and settings
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist or is not a folder"),
-    ("no_val", "has no val/ folder"),
+    ("no_val", "has no val/ folder: the kNN monitor of pre-training needs"),  # not fine-tuning's words
     ("mismatch", "the classes of train/ and val/ differ in"),
     ("one_class", "the kNN monitor needs at least 2"),
 ])

@@ -58,9 +58,13 @@ def test_reference_flag_names_are_accepted(tmp_path):
     assert (cfg.update_freq, cfg.blr, cfg.save_every) == (2, 1e-3, 5)
 
 
-def test_dry_run_prints_the_plan(capsys):
+def test_dry_run_prints_the_plan(tmp_path, capsys):
+    for split, count in (("train", 1100), ("val", 3)):  # counted, not read: more than one optimizer step
+        (tmp_path / split / "a").mkdir(parents=True)
+        for i in range(count):
+            (tmp_path / split / "a" / f"{i}.jpg").write_bytes(b"")
     with pytest.raises(SystemExit) as e:
-        ft.main(["base", "none", "--data_path", "/data/imagenet", "--world_size", "16", "--dry_run"])
+        ft.main(["base", "none", "--data_path", str(tmp_path), "--world_size", "16", "--dry_run"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "accumulation     1" in out and "effective batch  1024" in out and "group" in out
@@ -206,12 +210,12 @@ def test_evaluate_counts_top1_and_top5_exactly():
     assert r["count"] == 3 and r["acc1"] == pytest.approx(100 / 3) and r["acc5"] == pytest.approx(100.0)
     assert r["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 5, 2]))))
 
-    class FourClasses(torch.nn.Module):  # fewer than 5 classes: top-5 is every class
+    class FourClasses(torch.nn.Module):  # 5 classes or fewer: top-5 is every class, so it is not reported
         def forward(self, x):
             return logits[x.long().flatten(), :4]
 
     r = evaluate(FourClasses(), [(torch.tensor([[0], [1], [2]]), torch.tensor([0, 3, 2]))], torch.device("cpu"))
-    assert r["count"] == 3 and r["acc1"] == pytest.approx(100 / 3) and r["acc5"] == pytest.approx(100.0)
+    assert r["count"] == 3 and r["acc1"] == pytest.approx(100 / 3) and "acc5" not in r
 
 
 # ---------------------------------------------------------------- bad data and checkpoints
@@ -275,6 +279,23 @@ def run_finetune(argv, capsys):
         ft.main(argv)
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
+
+
+def test_with_5_classes_or_fewer_no_line_or_record_speaks_of_top5(tmp_path, capsys):
+    """3 classes: every image's class is among the best 5, so top-5 is left out of the epoch and final lines,
+    the "epoch" records, and --eval's line and eval.jsonl record."""
+    data, out = make_folder(tmp_path / "data", per_class=2), tmp_path / "out"
+    code, text, err = run_finetune(tiny_finetune(data, out), capsys)
+    assert code == 0, err
+    assert "val top-1" in text and "final top-1" in text and "top-5" not in text, text
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    assert len(epochs) == 1 and "acc1" in epochs[0] and "acc5" not in epochs[0]
+    code, text, err = run_finetune(tiny_finetune(data, out, "--eval", "true"), capsys)
+    assert code == 0, err
+    assert "eval model: top-1" in text and "top-5" not in text, text
+    result = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
+    assert "model_acc1" in result and "model_acc5" not in result
 
 
 def test_unreadable_training_image_is_skipped_and_logged_once_then_too_many_stop(tmp_path, capsys):

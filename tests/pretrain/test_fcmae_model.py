@@ -102,6 +102,23 @@ def test_loss_matches_hand_computed_reference(norm_pix):
     assert loss.item() == pytest.approx(reference_loss(imgs, pred.detach(), mask, norm_pix), rel=1e-5)
 
 
+def test_flat_patches_give_a_finite_loss_and_gradients():
+    """A constant patch (a flat background) has zero variance: the normalised target's epsilon keeps the loss
+    and every parameter's gradient finite."""
+    torch.manual_seed(0)
+    model = tiny_model(img_size=64, mask_ratio=0.5, norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 64, 64)
+    imgs[0, :, :32, :32] = 0.7  # a flat masked patch whose mean is rounded: the centred patch is tiny noise
+    imgs[1] = 0.5  # a whole flat image whose mean is exact: the centred patches are exactly zero
+    mask = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.float32)
+    loss, pred, _ = model(imgs, mask)
+    loss.backward()
+    assert torch.isfinite(loss), loss
+    assert loss.item() == pytest.approx(reference_loss(imgs, pred.detach(), mask, True), rel=1e-5)
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
+
+
 def test_only_masked_patches_contribute():
     torch.manual_seed(0)
     model = tiny_model(img_size=64, mask_ratio=0.5)

@@ -108,7 +108,7 @@ def chosen_ops(root: Path, rank: int, start_batch: int = 0) -> torch.Tensor:
     from fcmae.data.labelled import LabelledFolder
 
     dataset = LabelledFolder(root, ["a"], ChosenOps(), seed=0)
-    loader = train_loader(dataset, SimpleNamespace(batch_size=2, iters_per_epoch=3), 1, 0,
+    loader = train_loader(dataset, SimpleNamespace(batch_size=2, images_per_epoch=12, keep_last=False), 1, 0,
                           DistInfo(rank, 2, rank, torch.device("cpu"), "gloo"))
     assert loader.generator.initial_seed() == rank  # seed + rank
     loader.sampler.set_epoch(0, start_batch=start_batch)

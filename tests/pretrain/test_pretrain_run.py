@@ -46,7 +46,9 @@ def test_run_writes_checkpoints_logs_and_pictures(reference_run):
     assert (out / "config.yaml").is_file()
     assert (out / "reconstruction.png").is_file()
     picture = np.asarray(Image.open(out / "reconstruction.png"))
-    assert picture.shape == (2 * 64 + 2, 4 * 64 + 3 * 2, 3)
+    grid_height = 2 * 64 + 2  # two images, below a band with the epoch and the columns' titles
+    assert picture.shape[1:] == (4 * 64 + 3 * 2, 3) and picture.shape[0] > grid_height
+    assert (picture[:-grid_height] < 128).any()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     losses = train_losses(out)
     assert [s for s, _ in losses] == list(range(1, 13))  # 24 images / batch 4 = 6 steps per epoch
@@ -57,6 +59,13 @@ def test_run_writes_checkpoints_logs_and_pictures(reference_run):
         assert key in state
     assert state["config"]["dims"] == [8, 16, 16, 16]
     assert any(k.startswith("encoder.stages.") for k in state["model"])
+
+
+def test_every_log_record_counts_epochs_from_1(reference_run):
+    records = read_jsonl(reference_run / "log.jsonl")
+    train = [(r["epoch"], r["iteration"]) for r in records if r["type"] == "train"]
+    assert train == [(epoch, iteration) for epoch in (1, 2) for iteration in range(1, 7)]  # print_every 1
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2]
 
 
 def test_resume_after_preemption_mid_epoch_is_exact(image_dir, tmp_path, reference_run, capsys):
@@ -129,7 +138,7 @@ def expect_usage_error(args, match, capsys):
     ({"--mask_ratio": "1.0"}, "mask_ratio must be in (0, 1)"),
     ({"--mask_ratio": "0"}, "mask_ratio must be in (0, 1)"),
     ({"--mask_ratio": "0.8"}, "leaves no visible patch"),
-    ({"--batch_size": "64", "--effective_batch": "64"}, "batch larger than the data set"),
+    ({"--batch_size": "64", "--effective_batch": "64", "--update_freq": "1"}, "batch larger than the data set"),
     ({"--no_such_key": "1"}, "unknown config key 'no_such_key'"),
     ({"--amp": "fp8"}, "amp must be one of"),
 ])

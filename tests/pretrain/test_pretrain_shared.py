@@ -56,6 +56,23 @@ def test_merge_parse_override_and_dump(tmp_path):
         load_config([bad])
 
 
+def test_an_unknown_key_names_the_closest_known_one(tmp_path, capsys):
+    """A typo gets one suggestion instead of the list of every key; a name like none still gets the list."""
+    from fcmae.pretrain import main as main_pretrain
+
+    with pytest.raises(SystemExit) as exc:
+        main_pretrain.main(["atto", "demo", "--epcohs", "3", "--dry_run"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.strip() == "fcmae-pretrain: error: unknown config key 'epcohs'; did you mean --epochs?"
+    with pytest.raises(ConfigError, match="'zzqx'; known keys: .*epochs"):
+        apply_overrides({"epochs": 1, "seed": 0}, {"zzqx": 1})
+    typo = tmp_path / "typo.yaml"  # a config file's key: suggested as the file spells it
+    typo.write_text("warmup_epoch: 2\n")
+    with pytest.raises(ConfigError, match="unknown config key 'warmup_epoch'; did you mean 'warmup_epochs'\\?"):
+        resolve_config(["atto", "demo", "--config", str(typo)])
+
+
 def test_every_size_and_schedule_resolves():
     for size in SIZES:
         for schedule in ("800ep", "1600ep"):
@@ -186,12 +203,39 @@ def test_sampler_resumes_mid_epoch():
     assert list(samplers[0]) != full[0]
 
 
+def test_loader_workers_are_capped_at_the_cpus_with_a_note(tmp_path, capsys):
+    """More workers than CPUs draw torch's warning in every run: the training and kNN loaders use at most the
+    CPUs this process may run on, and say so once."""
+    import warnings
+
+    from fcmae.data.labelled import check_splits
+    from fcmae.eval.knn import make_loaders
+    from fcmae.runtime.distributed import DistInfo
+    from fcmae.runtime.loader import available_cpus, train_loader
+    from tests.helpers import write_images
+
+    cpus, asked = available_cpus(), available_cpus() + 3
+    plan = make_plan(resolve_config(["atto", "demo", "--batch_size", "4", "--effective_batch", "4"]), 1, 24)
+    loader = train_loader(list(range(24)), plan, asked, 0, DistInfo())
+    write_images(tmp_path / "train" / "a", 2, size=40)
+    write_images(tmp_path / "val" / "a", 2, size=40)
+    loaders = make_loaders(tmp_path, check_splits(tmp_path), 32, 1.0, 2, asked)
+    for built in (loader, *loaders):
+        assert built.num_workers == cpus
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's "will create N worker processes" would raise here
+            built.check_worker_number_rationality()
+    out = capsys.readouterr().out
+    assert out.count(f"note: num_workers {asked} is more than the {cpus} CPU(s) this process may use") == 1, out
+    assert train_loader(list(range(24)), plan, cpus, 0, DistInfo()).num_workers == cpus  # a fitting count stays
+
+
 def test_progress_line_and_jsonl(tmp_path):
     stream = io.StringIO()
     meter = ProgressMeter(total_steps=100, images_per_step=32, stream=stream)
     meter.line(0, 10, 5, 10, 5, {"loss": 0.5, "lr": 1e-3})
     line = stream.getvalue()
-    for part in ("epoch 1/10", "step 5/10", "loss 0.5", "lr 0.001", "img/s", "eta "):
+    for part in ("epoch 1/10", "step 5/10", "loss 0.5", "lr 0.001", "img/s", "run ETA "):  # the run's, not the epoch's
         assert part in line, line
     log = JsonlLogger(tmp_path / "log.jsonl")
     for step in range(1, 6):

@@ -111,6 +111,16 @@ def test_slurm_ranks_inside_a_step_or_with_the_launchers_marker():
     assert (world.launcher, world.size) == ("python", 2)
 
 
+def test_a_rank_of_a_two_node_step_is_its_rank_in_the_job_not_on_its_node():
+    """Task 3 of 4 on two nodes of 2 tasks: rank 3 (SLURM_PROCID), local rank 1 (SLURM_LOCALID)."""
+    step = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_NTASKS": "4",
+            "SLURM_NTASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_ID": "0",
+            "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+            "SLURM_NODEID": "1", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}
+    assert env_rank_info(step) == {"rank": 3, "world_size": 4, "local_rank": 1}
+    assert env_rank_info({**step, "SLURM_PROCID": "2", "SLURM_LOCALID": "0"})["rank"] == 2
+
+
 # ---------------------------------------------------------------- when the stop is seen, what is saved first
 # The shared tiny run with the command's own batch size, effective batch and checkpoints kept.
 tiny_args = partial(helpers.tiny_args, batch_size=None, effective_batch=None, keep_checkpoints=None)
@@ -179,6 +189,32 @@ def test_stop_in_an_epochs_last_iteration_is_saved_before_the_epochs_evaluation(
     assert [(r["step"], r["loss"]) for r in records(out, "train")] == \
            [(r["step"], r["loss"]) for r in records(ref, "train")]
     assert [r["loss"] for r in records(out, "epoch")] == [r["loss"] for r in records(ref, "epoch")]
+
+
+FAKE_SCONTROL = """#!/bin/sh
+echo "$*" >> "$FCMAE_TEST_SCONTROL_CALLS"
+[ "$1" = show ] && echo "JobId=$4 JobName=fcmae-pretrain JobState=RUNNING Requeue=1 Restarts=0"
+exit 0
+"""
+
+
+def test_a_one_task_job_signalled_with_usr1_saves_and_requeues_itself_once(image_dir, tmp_path, monkeypatch, capsys):
+    """Rank 0 of a one-task SLURM job (SLURM_JOB_ID set, no step): SIGUSR1 saves, then `scontrol requeue` runs
+    once. scontrol is a script on PATH that records its calls and shows the job RUNNING and requeueable."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FCMAE_TEST_SCONTROL_CALLS", str(calls))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    signal_at_training_call(monkeypatch, 2)
+    out = tmp_path / "out"
+    assert run(tiny_args(image_dir, out, "--batch_size", "4", "--effective_batch", "4")) == 0
+    text = capsys.readouterr().out
+    assert "stopped by SIGUSR1 at epoch 1" in text and "requeued SLURM job 4242" in text, text[-2000:]
+    assert calls.read_text().splitlines() == ["show job -o 4242", "requeue 4242"]
+    assert ckpt.load_checkpoint(out / "checkpoint-last.pth")["step"] == 2
 
 
 # ---------------------------------------------------------------- the documented batch script

@@ -36,7 +36,8 @@ def test_usage_and_unknown_names():
 @pytest.mark.slow
 def test_dry_run_prints_the_plan_for_many_gpus(tmp_path):
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "x.jpg").write_bytes(b"")
+    for i in range(5000):  # a dry run counts the files (and reads none): more than one optimizer step
+        (tmp_path / "train" / f"{i}.jpg").write_bytes(b"")
     result = launch("huge", "800ep", "--data_path", tmp_path, "--dry_run",
                     env={"NPROC_PER_NODE": "8", "NNODES": "4"})
     assert result.returncode == 0, result.stderr
@@ -47,6 +48,7 @@ def test_dry_run_prints_the_plan_for_many_gpus(tmp_path):
     assert "effective batch  4096" in out
     assert "lr               0.0024" in out
     assert "800 epochs, 40 warmup" in out
+    assert "per epoch        4096 of 5000 images in 4 batches of 1024; 904 left out each epoch" in out
     assert "dry run: nothing was trained" in out
     assert not (REPO / "output" / "pretrain" / "huge_800ep").exists()
     # Reference flag names keep working and override the config.
@@ -97,7 +99,8 @@ def test_dry_run_false_is_a_real_run(tmp_path):
 def test_dry_run_yes_is_a_dry_run_for_the_launcher_too(tmp_path):
     """The launcher reads --dry_run with the command's parser: `--dry_run=yes` starts no processes."""
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "x.jpg").write_bytes(b"")
+    for i in range(2):  # one per process
+        (tmp_path / "train" / f"{i}.jpg").write_bytes(b"")
     result = launch("atto", "800ep", "--data_path", tmp_path, "--dry_run=yes", env={"NPROC_PER_NODE": "2"})
     assert result.returncode == 0, result.stderr
     assert "dry run: nothing was trained" in result.stdout and "starting" not in result.stdout

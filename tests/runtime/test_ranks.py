@@ -119,6 +119,18 @@ def test_unreadable_images_on_one_rank_stop_every_rank_with_one_message(data, tm
     assert spread < TIMEOUT_S / 2, f"the ranks stopped {spread:.0f} s apart: one waited for the other"
 
 
+def test_a_signal_to_one_rank_stops_every_rank_and_rank_0_names_it(data, tmp_path):
+    """SIGTERM to rank 1 alone (after its 2nd optimizer step): both ranks save at the same step and exit 0, and
+    rank 0's line names the signal and where it came, not exit_after_steps."""
+    results, _ = run_ranks(tiny_args(data, tmp_path / "out", epochs=50), tmp_path, "sigterm_on_rank_1")
+    for rank, (code, text) in enumerate(results):
+        assert code == 0 and "Traceback" not in text, f"rank {rank} exited with {code}:\n{text[-3000:]}"
+    text = results[0][1]
+    assert "stopped by SIGTERM on another rank at epoch 1" in text, text[-3000:]
+    assert "exit_after_steps" not in text, text[-3000:]
+    assert ckpt.load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")["step"] == 2
+
+
 # ---------------------------------------------------------------- one resume decision
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):

@@ -270,7 +270,17 @@ def test_finetune_and_evaluate_at_384(tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     record = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
     assert record["model_count"] == 3 and 0 <= record["model_acc1"] <= 100
+    assert (record["input_size"], record["crop_pct"]) == (384, 0.875)
     assert "384" in (out / "config.yaml").read_text()
+
+    # Without repeating --input_size (or --output_dir): the checkpoint's 384, the same loss, eval.jsonl beside it.
+    size = common.index("--input_size")
+    bare = common[:size] + common[size + 2:-2]  # the last two: --output_dir OUT
+    again = subprocess.run([sys.executable, "-m", "finetune.main_finetune", "atto", *bare, "--eval", "true",
+                            "--resume", str(out / "checkpoint-last.pth")], capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "at 384x384, crop_pct 0.875" in again.stdout and f"results appended to {out / 'eval.jsonl'}" in again.stdout
+    assert json.loads((out / "eval.jsonl").read_text().splitlines()[-1]) == record
 
     # The same weights as a .safetensors file given as CHECKPOINT: read as weights, the same evaluation.
     weights = tmp_path / "classifier.safetensors"

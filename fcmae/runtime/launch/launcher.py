@@ -20,7 +20,9 @@ they used to decide in bash, with the command's own flag parser:
 5. otherwise plain python replaces this process (exec), so every signal
    reaches the training directly; torchrun and srun run as a child that
    `Supervisor` passes the stop signals on to, and this process exits with
-   the child's code.
+   the child's code. With `max_restarts` > 0 the training (one process too)
+   runs as a child, started again after failures a restart can mend
+   (fcmae.runtime.launch.restarts).
 
 `world_from_environment` is the one place that reads the world from the
 environment; a scheduler's variables belong there.
@@ -39,6 +41,8 @@ from typing import List, Mapping, Optional, Sequence
 
 from fcmae.runtime.errors import LaunchError
 from fcmae.runtime.launch import slurm
+from fcmae.runtime.lifeline import PARENT_VARIABLE, die_with_parent
+from fcmae.runtime.signals import INTERRUPTED_EXIT_CODE
 
 LAUNCHERS = ("python", "torchrun", "srun")
 
@@ -174,12 +178,13 @@ class Supervisor:
       (`scancel --signal=TERM --full` sends one), so srun is started outside
       this process's tree and session (fcmae.runtime.launch.detach), where
       SLURM's proctrack/linuxproc does not signal it (docs/fault-tolerance-and-slurm.md);
-    - torchrun: the signal (SIGTERM for SIGINT and SIGHUP) to each training
-      process, which torchrun starts in sessions of their own. torchrun itself
-      ignores these signals: on SIGTERM it would kill its workers 30 s later
-      and exit 1 with a traceback (measured).
-    The training processes save a checkpoint and exit 0; the launcher waits
-    for the child and exits with its code.
+    - torchrun: the signal (SIGTERM for SIGHUP) to each training process,
+      which torchrun starts in sessions of their own. torchrun itself ignores
+      these signals: on SIGTERM it would kill its workers 30 s later and exit
+      1 with a traceback (measured).
+    The training processes save a checkpoint and exit 0 (130 for a Ctrl-C,
+    which a second Ctrl-C cuts short: fcmae.runtime.signals); the launcher
+    waits for the child and exits with its code, 130 after a Ctrl-C.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
@@ -202,9 +207,9 @@ class Supervisor:
     def _forward(self, signum: int) -> None:
         if self.launcher == "srun":
             targets, sent = [self.pid], signal.SIGUSR1
-        else:
-            targets = _children(self.pid)
-            sent = signum if signum in (signal.SIGTERM, signal.SIGUSR1) else signal.SIGTERM
+        else:  # torchrun's children (the ranks), or the one training process
+            targets = _children(self.pid) if self.launcher == "torchrun" else [self.pid]
+            sent = signum if signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT) else signal.SIGTERM
         for pid in targets:
             try:
                 os.kill(pid, sent)
@@ -216,10 +221,24 @@ class Supervisor:
         self.launcher = launcher
         if launcher == "srun":
             return self._run_detached(argv, env)
-        env = {**env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
+        if launcher == "python":  # one process under the restart loop: in a session of its own, as torchrun's ranks
+            child = subprocess.Popen(list(argv), env={**env, PARENT_VARIABLE: str(os.getpid())},
+                                     start_new_session=True)
+            self._started(child.pid)
+            return self._exit_code(child.wait())
+        # torchrun handles SIGQUIT only (a Ctrl-C reaches it too, and its handler would pass it on to the ranks
+        # once more, then kill them). Older torch reads the variable; newer torch sets it from its option
+        # --signals-to-handle, whose default comes from PET_SIGNALS_TO_HANDLE (torch 2.14: measured).
+        env = {**env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT", "PET_SIGNALS_TO_HANDLE": "SIGQUIT"}
         child = subprocess.Popen(list(argv), env=dict(env), preexec_fn=_ignore_stop_signals)
         self._started(child.pid)
-        code = child.wait()
+        return self._exit_code(child.wait())
+
+    def _exit_code(self, code: int) -> int:
+        """The launcher's exit code for the child's: 128 + N if killed by N; 130 after a Ctrl-C the training
+        saved for (srun's tasks get SIGUSR1 and exit 0)."""
+        if code == 0 and self.received == signal.SIGINT:
+            return INTERRUPTED_EXIT_CODE
         return 128 - code if code < 0 else code
 
     def _run_detached(self, argv: Sequence[str], env: Mapping[str, str]) -> int:
@@ -234,7 +253,7 @@ class Supervisor:
                 if what == "pid":
                     self._started(int(value))
                 elif what == "exit":
-                    return int(value)
+                    return self._exit_code(int(value))
         print("launch: lost track of srun (its watcher ended without an exit code)", file=sys.stderr, flush=True)
         return 1
 
@@ -246,9 +265,11 @@ class Supervisor:
 
 def _ignore_stop_signals() -> None:
     """In torchrun's process, before exec: ignore the signals the launcher passes on (inherited by its workers,
-    whose training command installs its own handler for SIGTERM and SIGUSR1)."""
+    whose training command installs its own handler for SIGTERM and SIGUSR1), and end with the launcher
+    (fcmae.runtime.lifeline: its ranks then end with it)."""
     for s in Supervisor.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    die_with_parent()
 
 
 def _children(pid: int) -> List[int]:
@@ -296,11 +317,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if supervisor.received is not None:
         print(f"launch: stopped by {signal.Signals(supervisor.received).name} before the training started; "
               "nothing to save", flush=True)
-        sys.exit(0)
-    if world.launcher == "python":
+        sys.exit(INTERRUPTED_EXIT_CODE if supervisor.received == signal.SIGINT else 0)
+    if world.launcher == "python" and not cfg.max_restarts:
         os.execvpe(full[0], full, env)  # the training process replaces the launcher: every signal reaches it
-    print(f"plan checked; starting {world.size} processes with {world.launcher}", flush=True)
-    sys.exit(supervisor.run(full, env, world.launcher))
+    print(f"plan checked; starting {world.size} process{'es' if world.size > 1 else ''} with {world.launcher}",
+          flush=True)
+    if not cfg.max_restarts:
+        sys.exit(supervisor.run(full, env, world.launcher))
+    from fcmae.runtime.launch import restarts  # imports torch: this module's own imports stay light (handler first)
+
+    print(f"restarts: up to {cfg.max_restarts} after a failure that a restart can mend (not exit codes 2-5)",
+          flush=True)
+    sys.exit(restarts.run_with_restarts(
+        lambda command_line, run_env: supervisor.run(command_line, run_env, world.launcher),
+        lambda command_args: launch_argv(world, module, command_args, env), args, env, world.launcher,
+        cfg.max_restarts, cfg.output_dir, cfg.resume, lambda: supervisor.received is not None))
 
 
 if __name__ == "__main__":
