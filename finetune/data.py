@@ -10,15 +10,25 @@ targets and label smoothing act on batches (`make_mixup`) and work for both.
 """
 
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
 from timm.data import Mixup, auto_augment, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.data import DataLoader
 
+from fcmae.data import labelled
 from fcmae.data.demo import demo_classification_folder
-from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD
+from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD, DataError
 from fcmae.data.labelled import TensorTrainTransform
+from fcmae.data.stats import resolve_mean_std, saved_mean_std
+from fcmae.runtime import distributed
+from fcmae.runtime.errors import UsageError
+from fcmae.runtime.lifeline import loader_worker_init
+from fcmae.runtime.loader import usable_workers
+from fcmae.runtime.logs import log
+from finetune.config import FinetuneConfig
 
 
 def _posterize_any_bits(img, bits_to_keep, **kwargs):
@@ -78,3 +88,69 @@ def demo_root(cfg) -> Path:
     """The labelled demo set (one class per bundled photograph), built once in the cache."""
     return demo_classification_folder(crop_size=cfg["demo_crop_size"], train_per_photo=cfg["demo_train_per_photo"],
                                       val_per_photo=cfg["demo_val_per_photo"])
+
+
+# ---------------------------------------------------------------- the run's folders and sets
+def data_root(cfg: FinetuneConfig, build: bool = True) -> Path:
+    if cfg.data_path:
+        return Path(cfg.data_path).expanduser()
+    if not build:
+        return Path("<built-in labelled demo photographs>")
+    return demo_root(cfg.to_dict())
+
+
+def prepare_splits(cfg: FinetuneConfig, info: distributed.DistInfo) -> Tuple[Path, List[str]]:
+    """(root, classes): the demo set is built by rank 0 first; train/ and val/ checked to agree."""
+    root = data_root(cfg) if info.is_main else None
+    distributed.barrier()
+    root = root or data_root(cfg)
+    classes = labelled.check_splits(root)
+    if cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise UsageError(f"num_classes is {cfg.num_classes} but the data set at {root} has {len(classes)} "
+                         f"classes (folders in train/); drop --num_classes / --nb_classes or fix the data")
+    return root, classes
+
+
+def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] = None,
+                  pretrained: Optional[Dict[str, Any]] = None):
+    """(mean, std) of the run: the config's lists; else the resolved values stored in the config of the
+    fine-tuning checkpoint resumed or evaluated (for null or auto) or of the pre-training checkpoint (for null); else
+    `resolve_mean_std` on the training set (null: ImageNet's for 3-channel 8-bit data; auto: computed)."""
+    mean, std = cfg.mean, cfg.std
+    for config, what, reusable in ((resumed, "the fine-tuning checkpoint", (None, "auto")),
+                                   (pretrained, f"the pre-training checkpoint {cfg.finetune}", (None,))):
+        stored = saved_mean_std(config, cfg.in_chans)
+        if stored is not None and (mean in reusable or std in reusable):
+            mean, std = (stored[0] if mean in reusable else mean), (stored[1] if std in reusable else std)
+            log(f"normalisation from {what}")
+            break
+        if stored is not None and isinstance(mean, tuple) and isinstance(std, tuple) and (mean, std) != stored:
+            log(f"note: mean {list(mean)}, std {list(std)} as given, mean {list(stored[0])}, std "
+                f"{list(stored[1])} in {what}; using the given values")
+            break
+    return resolve_mean_std(mean, std, train, logger=log)
+
+
+def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: Optional[Dict[str, Any]] = None,
+                 pretrained: Optional[Dict[str, Any]] = None):
+    """(cfg with the resolved mean/std, train set, val set), formats checked, transforms set (see `normalisation`)."""
+    train = labelled.LabelledFolder(root / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout,
+                                  skip_unreadable=True)
+    val = labelled.LabelledFolder(root / "val", classes, in_chans=cfg.in_chans, layout=cfg.layout)
+    if val.dtype != train.dtype:
+        raise DataError(f"{root / 'train'} holds {train.bit_depth}-bit images ({train.dtype}) but {root / 'val'} "
+                        f"holds {val.bit_depth}-bit ones ({val.dtype}): both splits need the same kind of image")
+    mean, std = normalisation(cfg, train, resumed, pretrained)
+    cfg = cfg.replace(mean=mean, std=std)  # resolved: saved in config.yaml and the checkpoints
+    log(f"data: {len(train)} training images of {cfg.in_chans} channel(s) of {train.dtype}; normalisation mean "
+        f"{list(mean)}, std {list(std)}")
+    settings = cfg.to_dict()
+    train.transform = train_transform(settings, mean, std, pil=train.uses_pil)
+    val.transform = labelled.eval_transform(settings, mean, std, pil=val.uses_pil)
+    return cfg, train, val
+
+
+def val_loader(cfg: FinetuneConfig, val, info: distributed.DistInfo) -> DataLoader:
+    sampler = labelled.ShardSampler(len(val), info.rank, info.world_size)
+    return DataLoader(val, batch_size=cfg.batch_size, sampler=sampler, num_workers=usable_workers(cfg.num_workers),
+                      pin_memory=info.device.type == "cuda", worker_init_fn=loader_worker_init)

@@ -46,24 +46,21 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
 
 import sparse
 from fcmae.data import labelled
 from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, collate_images, list_images
-from fcmae.data.stats import resolve_mean_std, saved_mean_std
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, resume
 from fcmae.runtime.command import TrainSpec
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.device import grad_scaler, model_compiler, precision_note
 from fcmae.runtime.errors import CheckpointError, PlanError, UsageError
-from fcmae.runtime.lifeline import loader_worker_init
-from fcmae.runtime.loader import seed_everything, train_loader, usable_workers
+from fcmae.runtime.loader import seed_everything, train_loader
 from fcmae.runtime.logs import JsonlLogger, log
-from fcmae.runtime.plan import Plan, make_plan, plan_lines
+from fcmae.runtime.plan import LoopSettings, Plan, make_plan, plan_lines
 from fcmae.runtime.report import epoch_line_timing, finish_run
-from fcmae.runtime.trainer import LoopSettings, Trainer
+from fcmae.runtime.trainer import Trainer
 from fcmae.weights.layouts import ConversionError
 from finetune import data as ftdata
 from finetune.checkpoint_settings import EVAL_KEYS, FINETUNE_KEYS, settings_from_checkpoint, stored_config
@@ -127,7 +124,7 @@ def format_plan(cfg: FinetuneConfig, plan: Plan, data: str, num_classes, sizes_f
 def describe(cfg: FinetuneConfig, world_size: int) -> str:
     """The plan for `world_size` processes before any image is read (dry runs and the launcher): the folders
     are checked and their images counted (the built-in demo's are not, before it is built)."""
-    root, num_classes, counts = data_root(cfg, build=False), cfg.num_classes or "(from data)", {}
+    root, num_classes, counts = ftdata.data_root(cfg, build=False), cfg.num_classes or "(from data)", {}
     if cfg.data_path:
         classes = labelled.check_splits(root)
         num_classes = len(classes)
@@ -135,72 +132,6 @@ def describe(cfg: FinetuneConfig, world_size: int) -> str:
     return format_plan(cfg, plan_run(cfg, world_size, counts.get("train")), str(root), num_classes,
                        "" if "input_size" in cfg.given else "or the checkpoint's, where it stores one",
                        val_images=counts.get("val"))
-
-
-# ---------------------------------------------------------------- data
-def data_root(cfg: FinetuneConfig, build: bool = True) -> Path:
-    if cfg.data_path:
-        return Path(cfg.data_path).expanduser()
-    if not build:
-        return Path("<built-in labelled demo photographs>")
-    return ftdata.demo_root(cfg.to_dict())
-
-
-def prepare_splits(cfg: FinetuneConfig, info: distributed.DistInfo) -> Tuple[Path, List[str]]:
-    """(root, classes): the demo set is built by rank 0 first; train/ and val/ checked to agree."""
-    root = data_root(cfg) if info.is_main else None
-    distributed.barrier()
-    root = root or data_root(cfg)
-    classes = labelled.check_splits(root)
-    if cfg.num_classes is not None and cfg.num_classes != len(classes):
-        raise UsageError(f"num_classes is {cfg.num_classes} but the data set at {root} has {len(classes)} "
-                         f"classes (folders in train/); drop --num_classes / --nb_classes or fix the data")
-    return root, classes
-
-
-def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] = None,
-                  pretrained: Optional[Dict[str, Any]] = None):
-    """(mean, std) of the run: the config's lists; else the resolved values stored in the config of the
-    fine-tuning checkpoint resumed or evaluated (for null or auto) or of the pre-training checkpoint (for null); else
-    `resolve_mean_std` on the training set (null: ImageNet's for 3-channel 8-bit data; auto: computed)."""
-    mean, std = cfg.mean, cfg.std
-    for config, what, reusable in ((resumed, "the fine-tuning checkpoint", (None, "auto")),
-                                   (pretrained, f"the pre-training checkpoint {cfg.finetune}", (None,))):
-        stored = saved_mean_std(config, cfg.in_chans)
-        if stored is not None and (mean in reusable or std in reusable):
-            mean, std = (stored[0] if mean in reusable else mean), (stored[1] if std in reusable else std)
-            log(f"normalisation from {what}")
-            break
-        if stored is not None and isinstance(mean, tuple) and isinstance(std, tuple) and (mean, std) != stored:
-            log(f"note: mean {list(mean)}, std {list(std)} as given, mean {list(stored[0])}, std "
-                f"{list(stored[1])} in {what}; using the given values")
-            break
-    return resolve_mean_std(mean, std, train, logger=log)
-
-
-def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: Optional[Dict[str, Any]] = None,
-                 pretrained: Optional[Dict[str, Any]] = None):
-    """(cfg with the resolved mean/std, train set, val set), formats checked, transforms set (see `normalisation`)."""
-    train = labelled.LabelledFolder(root / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout,
-                                  skip_unreadable=True)
-    val = labelled.LabelledFolder(root / "val", classes, in_chans=cfg.in_chans, layout=cfg.layout)
-    if val.dtype != train.dtype:
-        raise DataError(f"{root / 'train'} holds {train.bit_depth}-bit images ({train.dtype}) but {root / 'val'} "
-                        f"holds {val.bit_depth}-bit ones ({val.dtype}): both splits need the same kind of image")
-    mean, std = normalisation(cfg, train, resumed, pretrained)
-    cfg = cfg.replace(mean=mean, std=std)  # resolved: saved in config.yaml and the checkpoints
-    log(f"data: {len(train)} training images of {cfg.in_chans} channel(s) of {train.dtype}; normalisation mean "
-        f"{list(mean)}, std {list(std)}")
-    settings = cfg.to_dict()
-    train.transform = ftdata.train_transform(settings, mean, std, pil=train.uses_pil)
-    val.transform = labelled.eval_transform(settings, mean, std, pil=val.uses_pil)
-    return cfg, train, val
-
-
-def val_loader(cfg: FinetuneConfig, val, info: distributed.DistInfo) -> DataLoader:
-    sampler = labelled.ShardSampler(len(val), info.rank, info.world_size)
-    return DataLoader(val, batch_size=cfg.batch_size, sampler=sampler, num_workers=usable_workers(cfg.num_workers),
-                      pin_memory=info.device.type == "cuda", worker_init_fn=loader_worker_init)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -255,7 +186,7 @@ def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     input size, crop, channels, normalisation and layout stored in its config unless given."""
     # A given folder is checked before anything is read: eval.jsonl is written after the whole validation set.
     out = eval_folder(cfg, None, info.is_main) if "output_dir" in cfg.given else None
-    root, classes = prepare_splits(cfg, info)
+    root, classes = ftdata.prepare_splits(cfg, info)
     resumed = ckpt.find_resume(cfg.resume, cfg.output_dir)
     path = resumed or (Path(cfg.finetune) if cfg.finetune else None)
     # rank 0's choice: every rank evaluates the same file
@@ -282,10 +213,10 @@ def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         if any(k.startswith("head.fc.") for k in report.missing):
             raise UsageError(f"{path} has no classifier head for {len(classes)} classes: evaluation needs a "
                              "fine-tuned checkpoint (fine-tune first, then --eval --resume CHECKPOINT)")
-    cfg, _, val = prepare_data(cfg, root, classes, resumed=saved.get("config") if finetuned else None,
+    cfg, _, val = ftdata.prepare_data(cfg, root, classes, resumed=saved.get("config") if finetuned else None,
                                pretrained=None if finetuned else saved.get("config"))
     del saved
-    loader = val_loader(cfg, val, info)
+    loader = ftdata.val_loader(cfg, val, info)
     results = {}
     for name, m in weights.items():
         r = results[name] = evaluate(m.to(info.device), loader, info.device, cfg.amp)
@@ -308,7 +239,7 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     compile_fn = model_compiler(cfg, device)
 
     # Everything that can fail on bad input comes before any compute.
-    root, classes = prepare_splits(cfg, info)
+    root, classes = ftdata.prepare_splits(cfg, info)
     num_classes = len(classes)
     cfg = cfg.replace(num_classes=num_classes)
     resume_from, saved = resume.resume_checkpoint(cfg.resume, out)  # rank 0 picks it for every rank
@@ -324,7 +255,7 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     model = _new_model(cfg, num_classes)
     if pretrained is not None:
         load_weights(model, pretrained, cfg.finetune)
-    cfg, train_set, val_set = prepare_data(cfg, root, classes,
+    cfg, train_set, val_set = ftdata.prepare_data(cfg, root, classes,
                                            resumed=saved.get("config") if saved is not None else None,
                                            pretrained=pretrained.get("config") if pretrained is not None else None)
     del pretrained
@@ -369,7 +300,7 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     if state.epoch >= cfg.epochs:
         log(f"nothing to do: {state.epoch} of {cfg.epochs} epochs already done in {out}")
         return 0
-    val_batches = val_loader(cfg, val_set, info)
+    val_batches = ftdata.val_loader(cfg, val_set, info)
     if precision_note(device, cfg.amp):
         log(precision_note(device, cfg.amp))
 

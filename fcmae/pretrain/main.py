@@ -69,9 +69,9 @@ from fcmae.runtime.device import grad_scaler, model_compiler, precision_note
 from fcmae.runtime.errors import UsageError
 from fcmae.runtime.loader import seed_everything, train_loader
 from fcmae.runtime.logs import log
-from fcmae.runtime.plan import Plan, make_plan, plan_lines
+from fcmae.runtime.plan import LoopSettings, Plan, make_plan, plan_lines
 from fcmae.runtime.report import finish_run
-from fcmae.runtime.trainer import LoopSettings, Trainer
+from fcmae.runtime.trainer import Trainer
 from sparse.masking import PATCH_SIZE, num_kept
 
 # Settings a resumed checkpoint must share with the run (they define the model's parameters).

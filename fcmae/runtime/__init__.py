@@ -9,11 +9,13 @@
     checkpoint  save/load (weights_only), keep-newest-N, auto-resume, RNG state
     files       write_atomic: the one atomic file write; full disks; temporaries of killed writes
     lock        one run per output folder (a flock, free as soon as its holder dies)
+    output_folder  a start stopped by bad input removes the output folders it made (nothing to keep in them)
     distributed process group set-up from torchrun's or SLURM's variables; collectives
     device      CUDA defaults (TF32, cudnn.benchmark, fused AdamW), torch.compile, autocast, the run's process
     signals     SIGTERM / SIGUSR1 requests to stop; loader workers ignore them
     lifeline    processes that end with the one that started them (no orphaned rank or loader worker)
     logs        progress lines, log.jsonl, TensorBoard
+    report      the end-of-run summary and curves.png, from log.jsonl (`python -m fcmae.runtime.report DIR`)
     loader      the training loader (resumable shard order, workers ignore stop signals), seeds
     stepping    StopAgreement (when every rank stops; loss checks), AccumulationWindow (rollback to a step)
     trainer     Trainer (the epoch loop), RunState, LoopSettings

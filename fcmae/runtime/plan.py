@@ -235,3 +235,34 @@ def set_lr(optimizer, lr: float) -> None:
     """Set every param group's lr to lr * group's `lr_scale` (1 when absent)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the epoch loop needs from the config and the plan."""
+
+    epochs: int
+    iters_per_epoch: int  # a multiple of update_freq
+    update_freq: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+    images_per_iter: int  # global batch of one iteration
+    amp: str
+    print_every: int
+    save_every: int
+    keep_checkpoints: int
+    clip_grad: Optional[float] = None
+    exit_after_steps: Optional[int] = None  # behave as if pre-empted after this many optimizer steps (tests)
+    images_per_epoch: Optional[int] = None  # samples trained on per epoch (a partial last batch's included)
+    save_minutes: Optional[float] = None  # timed mid-epoch checkpoints (fcmae.runtime.timed_saves); None: off
+    hang_minutes: Optional[float] = None  # the hang watchdog (fcmae.runtime.watchdog); None: off
+
+    @classmethod
+    def of(cls, cfg, plan: Plan) -> "LoopSettings":
+        """From a TrainConfig and the plan of its data set."""
+        return cls(cfg.epochs, plan.iters_per_epoch, plan.update_freq, plan.lr, cfg.min_lr, plan.warmup_steps,
+                   plan.total_steps, plan.images_per_iter, cfg.amp, cfg.print_every, cfg.save_every,
+                   cfg.keep_checkpoints, cfg.clip_grad, cfg.exit_after_steps, plan.images_per_epoch,
+                   save_minutes=cfg.save_minutes, hang_minutes=cfg.hang_minutes)

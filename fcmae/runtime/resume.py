@@ -30,6 +30,7 @@ first).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -39,6 +40,22 @@ from fcmae.runtime import distributed
 from fcmae.runtime.errors import CheckpointError, ConfigChangeError, PlanError, UsageError
 from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan, make_plan
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in every checkpoint (plain types only)."""
+
+    epoch: int = 0  # current epoch (0-based)
+    iteration: int = 0  # next iteration to run within the epoch
+    step: int = 0  # optimizer steps done in the whole run
+    epoch_loss_sum: float = 0.0  # running sum of this process's losses this epoch
+    epoch_loss_count: int = 0
+    history: list = field(default_factory=list)  # per-epoch summaries
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
 
 # Harmless in both commands: where output goes, how often it prints or saves, workers, device, precision, the
 # path of the data (a moved copy; a different number of images is caught by the plan), this flag itself, how

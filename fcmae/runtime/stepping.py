@@ -23,6 +23,7 @@ checkpoint is written at once and a resumed run continues exactly.
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -107,6 +108,14 @@ class StopAgreement:
         if non_finite or failed:
             self._raise_agreed_failure(pending, local_losses)
         return stop > 0
+
+    def cause(self, received: Optional[int]) -> str:
+        """What stopped the run, as a rank that `received` this signal (or None) says it: the signal the ranks
+        agreed on, received here or on another rank, or exit_after_steps."""
+        if self.signal is None:
+            return "exit_after_steps"
+        name = signal.Signals(self.signal).name
+        return name if self.signal == received else f"{name} on another rank"
 
     def reduce_device(self) -> Optional[torch.device]:
         """Where collectives run: the GPU under NCCL, else the CPU (gloo)."""

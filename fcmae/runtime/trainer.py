@@ -23,26 +23,21 @@ The loop counts two kinds of steps:
   the same state.
 
 A stop (SIGTERM / SIGUSR1, or a first Ctrl-C while `fit` runs:
-fcmae.runtime.signals) is seen after the iteration during which it
-arrived. Between boundaries the run goes back to the last one
-(fcmae.runtime.stepping.AccumulationWindow), so the checkpoint
-is written at once, not `update_freq` iterations later. A stop in an epoch's
-last iteration is saved before the epoch's evaluation (`end_epoch`), which
-the resumed run then does. The process then exits 0 (130 after a Ctrl-C);
-under SLURM with `--requeue`, rank 0 first requeues the job
-(fcmae.runtime.launch.slurm), except after a Ctrl-C. An
-evaluation that fails (an unreadable validation image) saves the same
-checkpoint before the error leaves (`_end_epoch`).
+fcmae.runtime.signals) is seen after the iteration during which it arrived;
+the run goes back to the last optimizer step (AccumulationWindow) and saves
+at once. A stop in an epoch's last iteration is saved before the epoch's
+evaluation (`end_epoch`), which the resumed run then does. The process exits
+0 (130 after a Ctrl-C); under SLURM with `--requeue`, rank 0 first requeues
+the job (fcmae.runtime.launch.slurm). A failed evaluation (an unreadable
+validation image) saves the same checkpoint before the error leaves.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -55,57 +50,12 @@ from fcmae.runtime.device import autocast_context
 from fcmae.runtime.errors import CheckpointError, NonFiniteLossError
 from fcmae.runtime.launch import slurm
 from fcmae.runtime.logs import JsonlLogger, ProgressMeter, TensorBoard, log
-from fcmae.runtime.plan import Plan, cosine_lr, set_lr
+from fcmae.runtime.plan import LoopSettings, cosine_lr, set_lr
+from fcmae.runtime.resume import RunState
 from fcmae.runtime.signals import STOP, STOP_SIGNALS, StopRequest
 from fcmae.runtime.stepping import AccumulationWindow, StopAgreement
 from fcmae.runtime.timed_saves import BackgroundWriter, HostSnapshot, SaveClock
 from fcmae.runtime.watchdog import HangWatchdog
-
-
-@dataclass
-class RunState:
-    """Where a run stands; saved in every checkpoint (plain types only)."""
-
-    epoch: int = 0  # current epoch (0-based)
-    iteration: int = 0  # next iteration to run within the epoch
-    step: int = 0  # optimizer steps done in the whole run
-    epoch_loss_sum: float = 0.0  # running sum of this process's losses this epoch
-    epoch_loss_count: int = 0
-    history: list = field(default_factory=list)  # per-epoch summaries
-
-    def as_dict(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """What the epoch loop needs from the config and the plan."""
-
-    epochs: int
-    iters_per_epoch: int  # a multiple of update_freq
-    update_freq: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    total_steps: int
-    images_per_iter: int  # global batch of one iteration
-    amp: str
-    print_every: int
-    save_every: int
-    keep_checkpoints: int
-    clip_grad: Optional[float] = None
-    exit_after_steps: Optional[int] = None  # behave as if pre-empted after this many optimizer steps (tests)
-    images_per_epoch: Optional[int] = None  # samples trained on per epoch (a partial last batch's included)
-    save_minutes: Optional[float] = None  # timed mid-epoch checkpoints (fcmae.runtime.timed_saves); None: off
-    hang_minutes: Optional[float] = None  # the hang watchdog (fcmae.runtime.watchdog); None: off
-
-    @classmethod
-    def of(cls, cfg, plan: Plan) -> "LoopSettings":
-        """From a TrainConfig and the plan of its data set."""
-        return cls(cfg.epochs, plan.iters_per_epoch, plan.update_freq, plan.lr, cfg.min_lr, plan.warmup_steps,
-                   plan.total_steps, plan.images_per_iter, cfg.amp, cfg.print_every, cfg.save_every,
-                   cfg.keep_checkpoints, cfg.clip_grad, cfg.exit_after_steps, plan.images_per_epoch,
-                   save_minutes=cfg.save_minutes, hang_minutes=cfg.hang_minutes)
 
 
 class Trainer:
@@ -408,7 +358,7 @@ class Trainer:
             log(f"interrupted at epoch {self.state.epoch + 1}, step {self.state.step}; checkpoint saved in "
                 f"{self.output_dir}; run the same command to resume")
             return
-        log(f"stopped by {self._stop_cause()} at epoch {self.state.epoch + 1}, iteration "
+        log(f"stopped by {self.agreement.cause(self.stop.received)} at epoch {self.state.epoch + 1}, iteration "
             f"{self.state.iteration}, step {self.state.step}; checkpoint saved in {self.output_dir}. Run the same "
             "command again to resume.")
         if self.info.is_main and self.agreement.signal in STOP_SIGNALS:  # also when another rank received it
@@ -416,26 +366,15 @@ class Trainer:
             if note:
                 log(note)
 
-    def _stop_cause(self) -> str:
-        """What stopped the run, as this rank says it: the signal the ranks agreed on (StopAgreement.signal),
-        received here or on another rank, or exit_after_steps."""
-        agreed = self.agreement.signal
-        if agreed is None:
-            return "exit_after_steps"
-        name = signal.Signals(agreed).name
-        return name if agreed == self.stop.received else f"{name} on another rank"
-
     def _optimizer_step(self) -> None:
-        clip = self.settings.clip_grad
+        if self.settings.clip_grad:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip_grad)
         if self.scaler is not None:
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1

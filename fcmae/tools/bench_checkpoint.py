@@ -27,7 +27,8 @@ from fcmae.model import build_fcmae
 from fcmae.pretrain.optim import build_optimizer
 from fcmae.runtime.checkpoint import tensor_bytes
 from fcmae.runtime.distributed import DistInfo
-from fcmae.runtime.trainer import LoopSettings, Trainer
+from fcmae.runtime.plan import LoopSettings
+from fcmae.runtime.trainer import Trainer
 from sparse.sizes import MODEL_SIZES
 
 

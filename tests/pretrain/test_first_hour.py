@@ -12,6 +12,7 @@ from fcmae.pretrain import main as main_pretrain
 from fcmae.pretrain.visualize import with_titles
 from fcmae.runtime.distributed import DistInfo
 from fcmae.runtime.logs import read_jsonl
+from finetune import data as ftdata
 from finetune import main_finetune as ft
 from tests.eval.test_knn_linprobe import make_folder
 from tests.eval.test_knn_monitor import shuffled_folder
@@ -154,8 +155,8 @@ def test_finetuning_keeps_the_last_batch_with_drop_last_false_and_ends_with_a_su
 
 def test_validation_evaluates_every_image_whatever_the_batch(labelled):
     cfg = ft.resolve_config(["atto", "none", *FT, "--data_path", str(labelled), "--batch_size", "4"])
-    cfg, _, val = ft.prepare_data(cfg, labelled, ["green", "red"])
+    cfg, _, val = ftdata.prepare_data(cfg, labelled, ["green", "red"])
     model = ft._new_model(cfg, 2)
-    loader = ft.val_loader(cfg, val, DistInfo(0, 1, 0, torch.device("cpu"), "gloo"))
+    loader = ftdata.val_loader(cfg, val, DistInfo(0, 1, 0, torch.device("cpu"), "gloo"))
     assert ft.evaluate(model, loader, torch.device("cpu"))["count"] == 5  # 4 + 1
 

@@ -18,7 +18,8 @@ from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime.device import adamw_fused, configure_device, use_compile
 from fcmae.runtime.distributed import DistInfo
 from fcmae.runtime.logs import read_jsonl
-from fcmae.runtime.trainer import LoopSettings, Trainer
+from fcmae.runtime.plan import LoopSettings
+from fcmae.runtime.trainer import Trainer
 from tests.helpers import TINY_ARGS, assert_close, tiny_args
 
 

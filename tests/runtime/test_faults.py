@@ -339,8 +339,7 @@ def test_position_of_a_checkpoint_without_a_stored_plan_is_carried_over():
     from types import SimpleNamespace
 
     from fcmae.runtime.plan import make_plan
-    from fcmae.runtime.resume import align_state, saved_plan
-    from fcmae.runtime.trainer import RunState
+    from fcmae.runtime.resume import RunState, align_state, saved_plan
 
     settings = dict(batch_size=4, effective_batch=4, update_freq=None, blr=1e-3, lr=None, epochs=2, warmup_epochs=1)
     old = saved_plan({"config": settings, "world_size": 1}, 24)
