@@ -92,7 +92,9 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
         backend: a torch.compile backend (inductor; aot_eager compiles the graph without generating code).
     """
     check_compile_backend(backend)
-    return torch.compile(model, backend=backend)
+    # Static shapes: a new batch size (an epoch's last partial batch) compiles once more; dynamo's automatic
+    # dynamic shapes would trace symbolic sizes, which the random mask's torch.rand cannot take.
+    return torch.compile(model, backend=backend, dynamic=False)
 
 
 def model_compiler(cfg, device: torch.device) -> Optional[Callable[[nn.Module], nn.Module]]:

@@ -747,3 +747,19 @@ def test_rank_0_failing_on_its_data_stops_every_rank_at_once(data, tmp_path):
     assert [code for code, _ in results] == [2, 2], [text[-2000:] for _, text in results]
     assert lines[0] == lines[1] and lines[0].startswith("fcmae-pretrain: error: rank 0: "), lines
     assert spread < 10, f"the ranks stopped {spread:.0f} s apart: one waited for the other"
+
+
+def test_torchrun_called_in_process_leaves_no_parent_pid_behind(monkeypatch):
+    """The ranks' FCMAE_PARENT_PID must not outlive torchrun.main: a process that later starts training (an
+    sbatch from the same shell or test session) would take a stranger's pid for its parent and end at once."""
+    import torch.distributed.run
+
+    from fcmae.runtime.launch import torchrun
+    from fcmae.runtime.lifeline import PARENT_VARIABLE
+
+    monkeypatch.delenv(PARENT_VARIABLE, raising=False)
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "run", lambda args: seen.append(os.environ.get(PARENT_VARIABLE)))
+    torchrun.main(["--standalone", "--nproc_per_node", "1", "-m", "fcmae.pretrain.main"])
+    assert seen == [str(os.getpid())]
+    assert PARENT_VARIABLE not in os.environ

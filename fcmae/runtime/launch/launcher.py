@@ -311,6 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print("dry run: nothing was trained", flush=True)
             sys.exit(0)
         env = _srun_environment(os.environ) if world.launcher == "srun" else dict(os.environ)
+        env.pop(PARENT_VARIABLE, None)  # set only for the processes this launcher starts itself (below)
         full = launch_argv(world, module, args, env)
     except command.usage_errors() + (LaunchError,) as e:
         command.fail(e)

@@ -67,6 +67,7 @@ def describe(rank: int, exitcode: int) -> Tuple[str, int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    previous = os.environ.get(PARENT_VARIABLE)
     os.environ[PARENT_VARIABLE] = str(os.getpid())  # each rank ends with this process (fcmae.runtime.lifeline)
     try:
         torch_run.run(torch_run.parse_args(list(sys.argv[1:] if argv is None else argv)))
@@ -80,6 +81,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             with open(report, "w") as f:
                 f.write(json.dumps({"rank": rank, "exit_code": code, "cause": cause}) + "\n")
         sys.exit(code)
+    finally:  # called in-process (tests), the variable must not outlive the call
+        if previous is None:
+            os.environ.pop(PARENT_VARIABLE, None)
+        else:
+            os.environ[PARENT_VARIABLE] = previous
 
 
 if __name__ == "__main__":
