@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from fcmae.runtime.logs import read_jsonl
 from sparse import masking
 
 TINY_DEPTHS = (1, 2, 1, 1)
@@ -117,3 +118,12 @@ def build_with_nan_loss(real_build, at_call: int):
         return model
 
     return build_with_nan
+
+
+def steps_logged(out) -> list:
+    """The optimizer steps of the 'train' records in OUT/log.jsonl so far ([] before the first, or mid-write)."""
+    path = Path(out) / "log.jsonl"
+    try:
+        return [r["step"] for r in read_jsonl(path) if r["type"] == "train"] if path.exists() else []
+    except ValueError:  # a line being written
+        return []

@@ -32,7 +32,7 @@ from fcmae.runtime.loader import train_loader
 from fcmae.runtime.logs import read_jsonl
 from fcmae.runtime.plan import make_plan
 from tests import helpers
-from tests.helpers import single_process_env, write_images
+from tests.helpers import single_process_env, steps_logged, write_images
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch" / "pretrain.sh"
@@ -66,14 +66,6 @@ def start_launcher(args, tmp_path, processes=1, **env):
 
 def output(proc) -> str:
     return proc.log.read_text(errors="replace")
-
-
-def steps_logged(out):
-    path = Path(out) / "log.jsonl"
-    try:
-        return [r["step"] for r in read_jsonl(path) if r["type"] == "train"] if path.exists() else []
-    except ValueError:  # a line being written
-        return []
 
 
 def wait_for_step(proc, out, step, timeout=120):

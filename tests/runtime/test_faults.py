@@ -33,7 +33,7 @@ from fcmae.runtime.logs import read_jsonl
 from finetune import convert
 from finetune import main_finetune as finetune_main
 from tests import helpers
-from tests.helpers import TINY_ARGS, single_process_env, write_images
+from tests.helpers import TINY_ARGS, single_process_env, steps_logged, write_images
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch" / "pretrain.sh"
@@ -78,14 +78,6 @@ def start_launcher(args, tmp_path, new_session=False):
 
 def start_python(args, tmp_path):
     return _start([sys.executable, "-m", "fcmae.pretrain.main", *map(str, args)], tmp_path)
-
-
-def steps_logged(out):
-    path = Path(out) / "log.jsonl"
-    try:
-        return [r["step"] for r in read_jsonl(path) if r["type"] == "train"] if path.exists() else []
-    except ValueError:  # a line being written
-        return []
 
 
 def wait_for_step(proc, out, step, timeout=120):
