@@ -2,7 +2,8 @@
 
 The labelled folders themselves (train/ and val/ with one sub-folder per
 class, 16-bit and multi-channel images, unreadable files) are read by
-fcmae.data.labelled. Training augmentation for photographs is timm's:
+fcmae.data.labelled, labelled shards by fcmae.data.labelled_splits and
+fcmae.data.shard_sets. Training augmentation for photographs is timm's:
 RandomResizedCrop (bicubic), flip, RandAugment, random erasing; domain
 images get fcmae.data.labelled.TensorTrainTransform (no RandAugment or
 colour jitter, which are defined for 8-bit RGB). Mixup/CutMix with soft
@@ -22,11 +23,19 @@ from fcmae.data import labelled
 from fcmae.data.demo import demo_classification_folder
 from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD, DataError
 from fcmae.data.labelled import TensorTrainTransform
+from fcmae.data.labelled_splits import (
+    LabelledData,
+    ShardSplits,
+    eval_loader,
+    eval_set,
+    find_labelled_data,
+    split_name,
+)
+from fcmae.data.shard_sets import LabelledShards, ProbeSet
+from fcmae.data.shards import epoch_samples
 from fcmae.data.stats import resolve_mean_std, saved_mean_std
 from fcmae.runtime import distributed
 from fcmae.runtime.errors import UsageError
-from fcmae.runtime.lifeline import loader_worker_init
-from fcmae.runtime.loader import usable_workers
 from fcmae.runtime.logs import log
 from finetune.config import FinetuneConfig
 
@@ -99,16 +108,17 @@ def data_root(cfg: FinetuneConfig, build: bool = True) -> Path:
     return demo_root(cfg.to_dict())
 
 
-def prepare_splits(cfg: FinetuneConfig, info: distributed.DistInfo) -> Tuple[Path, List[str]]:
-    """(root, classes): the demo set is built by rank 0 first; train/ and val/ checked to agree."""
+def prepare_splits(cfg: FinetuneConfig, info: distributed.DistInfo) -> Tuple[LabelledData, List[str]]:
+    """(folder or shards, classes): the demo set is built by rank 0 first; a folder's train/ and val/ checked to
+    agree, or labelled shards found (fcmae.data.labelled_splits: classes from their _info.json or num_classes)."""
     root = data_root(cfg) if info.is_main else None
     distributed.barrier()
     root = root or data_root(cfg)
-    classes = labelled.check_splits(root)
+    data, classes = find_labelled_data(cfg.data_path or root, num_classes=cfg.num_classes)
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise UsageError(f"num_classes is {cfg.num_classes} but the data set at {root} has {len(classes)} "
                          f"classes (folders in train/); drop --num_classes / --nb_classes or fix the data")
-    return root, classes
+    return data, classes
 
 
 def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] = None,
@@ -131,26 +141,46 @@ def normalisation(cfg: FinetuneConfig, train, resumed: Optional[Dict[str, Any]] 
     return resolve_mean_std(mean, std, train, logger=log)
 
 
-def prepare_data(cfg: FinetuneConfig, root: Path, classes: List[str], resumed: Optional[Dict[str, Any]] = None,
-                 pretrained: Optional[Dict[str, Any]] = None):
-    """(cfg with the resolved mean/std, train set, val set), formats checked, transforms set (see `normalisation`)."""
-    train = labelled.LabelledFolder(root / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout,
-                                  skip_unreadable=True)
-    val = labelled.LabelledFolder(root / "val", classes, in_chans=cfg.in_chans, layout=cfg.layout)
-    if val.dtype != train.dtype:
-        raise DataError(f"{root / 'train'} holds {train.bit_depth}-bit images ({train.dtype}) but {root / 'val'} "
-                        f"holds {val.bit_depth}-bit ones ({val.dtype}): both splits need the same kind of image")
-    mean, std = normalisation(cfg, train, resumed, pretrained)
+def training_set(cfg: FinetuneConfig, data: LabelledData, classes: List[str]):
+    """The training split: a LabelledFolder that skips unreadable files, or a LabelledShards stream whose epoch
+    holds --train_num_samples or _info.json's count."""
+    if isinstance(data, ShardSplits):
+        return LabelledShards(data.train, epoch_samples(cfg.train_num_samples, data.train, log), len(classes),
+                              in_chans=cfg.in_chans, layout=cfg.layout, seed=cfg.seed, buffer=cfg.shuffle_buffer)
+    return labelled.LabelledFolder(data / "train", classes, seed=cfg.seed, in_chans=cfg.in_chans, layout=cfg.layout,
+                                   skip_unreadable=True)
+
+
+def prepare_data(cfg: FinetuneConfig, data: LabelledData, classes: List[str],
+                 resumed: Optional[Dict[str, Any]] = None, pretrained: Optional[Dict[str, Any]] = None,
+                 evaluating: bool = False):
+    """(cfg with the resolved mean/std, train set, val set), formats checked, transforms set (see `normalisation`).
+
+    On shards the format and any computed statistics come from the training split's probe (its first samples
+    of a few shards); `evaluating` (--eval) reads only that, not a training stream (train set None).
+    """
+    if evaluating and isinstance(data, ShardSplits):
+        train, reference = None, ProbeSet(data.train, cfg.in_chans, cfg.layout)
+    else:
+        train = training_set(cfg, data, classes)
+        reference = train.probe if isinstance(train, LabelledShards) else train
+    val = eval_set(data, "val", classes, in_chans=cfg.in_chans, layout=cfg.layout)
+    if val.dtype != reference.dtype:
+        raise DataError(f"{split_name(data, 'train')} holds {reference.bit_depth}-bit images ({reference.dtype}) but "
+                        f"{split_name(data, 'val')} holds {val.bit_depth}-bit ones ({val.dtype}): both splits need "
+                        "the same kind of image")
+    mean, std = normalisation(cfg, reference, resumed, pretrained)
     cfg = cfg.replace(mean=mean, std=std)  # resolved: saved in config.yaml and the checkpoints
-    log(f"data: {len(train)} training images of {cfg.in_chans} channel(s) of {train.dtype}; normalisation mean "
-        f"{list(mean)}, std {list(std)}")
     settings = cfg.to_dict()
-    train.transform = train_transform(settings, mean, std, pil=train.uses_pil)
+    if train is not None:
+        log(f"data: {len(train)} training images of {cfg.in_chans} channel(s) of {train.dtype}; normalisation mean "
+            f"{list(mean)}, std {list(std)}")
+        train.transform = train_transform(settings, mean, std, pil=train.uses_pil)
     val.transform = labelled.eval_transform(settings, mean, std, pil=val.uses_pil)
     return cfg, train, val
 
 
 def val_loader(cfg: FinetuneConfig, val, info: distributed.DistInfo) -> DataLoader:
-    sampler = labelled.ShardSampler(len(val), info.rank, info.world_size)
-    return DataLoader(val, batch_size=cfg.batch_size, sampler=sampler, num_workers=usable_workers(cfg.num_workers),
-                      pin_memory=info.device.type == "cuda", worker_init_fn=loader_worker_init)
+    """This rank's part of the validation set (every image once over the ranks: fcmae.data.labelled_splits)."""
+    return eval_loader(val, cfg.batch_size, cfg.num_workers, info.rank, info.world_size,
+                       pin=info.device.type == "cuda")

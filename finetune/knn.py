@@ -6,7 +6,9 @@
 
 CKPT is an FCMAE checkpoint, converted weights (.pth or .safetensors), or
 `none` (random weights of --size, the baseline). D holds train/<class>/ and
-val/<class>/ with the same classes. The input size, crop_pct, channels,
+val/<class>/ with the same classes, or is labelled shards as fine-tuning
+reads them (fcmae.data.labelled_splits; --num_classes where their _info.json
+names no classes); each split is read once, in order. The input size, crop_pct, channels,
 normalisation and .npy layout are those stored in CKPT's config (training
 checkpoints of pre-training and fine-tuning store it; a pre-training
 checkpoint is evaluated as its kNN monitor saw the folder), else 224, 0.875,
@@ -30,11 +32,10 @@ if __name__ == "__main__":  # first thing: a Ctrl-C while the modules below load
     quiet_ctrl_c()
 
 import argparse
-from pathlib import Path
 from typing import Dict, List, Optional
 
-from fcmae.data import labelled
 from fcmae.data.folder import DataError
+from fcmae.data.labelled_splits import find_labelled_data, split_size
 from fcmae.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from fcmae.eval.knn import EVAL_CROP_PCT, knn_evaluate, make_loaders
 from fcmae.runtime import distributed
@@ -59,7 +60,10 @@ def _int_list(text: str) -> List[int]:
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="FCMAE checkpoint, converted weights (.pth / .safetensors), or none")
-    p.add_argument("--data_path", default=None, help="folder with train/<class>/ and val/<class>/")
+    p.add_argument("--data_path", default=None, help="folder with train/<class>/ and val/<class>/, or labelled "
+                   "shards (train-*.tar and val-*.tar in a folder, or the train shards' spec)")
+    p.add_argument("--num_classes", type=int, default=None,
+                   help="class count of labelled shards whose _info.json names no classes")
     p.add_argument("--demo", action="store_true", help="the fine-tuning demo set (configs/finetune/demo.yaml)")
     p.add_argument("--size", default=None, help="model size (default: the checkpoint's; atto for none)")
     p.add_argument("--depths", type=_int_list, default=None, help="custom depths (tests), e.g. '[1, 1, 1, 1]'")
@@ -105,7 +109,7 @@ def data_config(args) -> Dict:
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
 
-    cfg["root"] = ftdata.demo_root(demo) if args.demo else Path(args.data_path).expanduser()
+    cfg["root"] = ftdata.demo_root(demo) if args.demo else args.data_path  # a shard spec stays text
     cfg["given"] = given
     return cfg
 
@@ -130,7 +134,9 @@ def prepare(args, command: str = "fcmae-knn"):
     compute, in messages that name `command`."""
 
     cfg = data_config(args)
-    classes = labelled.check_splits(cfg["root"], command)
+    cfg["root"], classes = find_labelled_data(cfg["root"], command, num_classes=args.num_classes)
+    if args.num_classes is not None and args.num_classes != len(classes):
+        raise UsageError(f"--num_classes is {args.num_classes} but {cfg['root']} has {len(classes)} classes")
     if len(classes) < 2:
         raise UsageError(f"{cfg['root']} has {len(classes)} class; kNN and linear probing need at least 2")
     random_weights = args.checkpoint is None or str(args.checkpoint).lower() == "none"
@@ -152,7 +158,7 @@ def prepare(args, command: str = "fcmae-knn"):
 
 def describe(args, model, classes, cfg, loaders) -> str:
     depths, dims = model.arch
-    images = [len(loader.dataset) for loader in loaders]
+    images = ["?" if n is None else n for n in (split_size(loader.dataset) for loader in loaders)]
     return "\n".join(cfg.get("notes", []) + [
         f"model  {args.checkpoint} (depths {list(depths)}, dims {list(dims)})",
         f"data   {cfg['root']}: {len(classes)} classes, {images[0]} train / {images[1]} val images at "

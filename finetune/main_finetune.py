@@ -28,6 +28,15 @@ log.jsonl work as in pre-training, and so do unreadable training images
 are bad); an unreadable validation image stops with its name (another image
 in its place would bias the accuracy).
 
+Labelled shards (fcmae.data.labelled_splits): --data_path may name a folder
+holding train-*.tar and val-*.tar (or train/ and val/ of .tar files), or the
+training shards' spec (DIR/train-{000000..000099}.tar, pipe:COMMAND), the
+validation spec being the same text with its last `train` replaced by `val`;
+classes from their _info.json, else --num_classes. The training stream's
+epoch holds --train_num_samples or _info.json's count, and its position goes
+in the checkpoints (a resumed run continues it); validation reads every
+sample once.
+
 Own data (docs/own-data.md): in_chans (must match the weights' stem),
 layout (.npy), mean/std: the config's lists; else the values stored in the
 checkpoint resumed or evaluated, or (for null) in the pre-training
@@ -48,8 +57,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from timm.utils import ModelEmaV3
 
 import sparse
-from fcmae.data import labelled
 from fcmae.data.folder import IMAGENET_MEAN, IMAGENET_STD, BadImageTracker, DataError, collate_images, list_images
+from fcmae.data.labelled_splits import ShardSplits, find_labelled_data, split_name, split_size
+from fcmae.data.shard_stream import ShardStream
+from fcmae.data.shards import epoch_samples
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime import distributed, resume
 from fcmae.runtime.command import TrainSpec
@@ -79,7 +90,7 @@ HARMLESS = ("finetune", "recipe_source", "head_init_scale", "model_ema_eval", "e
                                     "max_bad_fraction")
 # The values of the data settings that checkpoints written before they existed were trained with.
 OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "auto",
-                "drop_last": True}
+                "drop_last": True, "shuffle_buffer": 1000}
 
 
 def resolve_config(argv=None) -> FinetuneConfig:
@@ -100,9 +111,9 @@ def plan_run(cfg: FinetuneConfig, world_size: int, num_images=None) -> Plan:
 
 
 def format_plan(cfg: FinetuneConfig, plan: Plan, data: str, num_classes, sizes_from: str = "",
-                val_images: Optional[int] = None) -> str:
+                val_images: Optional[int] = None, val_name: str = "val/") -> str:
     """The printed plan; `sizes_from` says where the input size and crop came from when not from the settings;
-    `val_images`: the validation set's size, when known."""
+    `val_images`: the validation set's size, when known; `val_name`: what it is."""
     depths, dims = sparse.sizes.resolve_arch(cfg.size, cfg.depths, cfg.dims)
     return "\n".join([
         "Fine-tuning plan" if not cfg.eval else "Evaluation plan",
@@ -116,22 +127,31 @@ def format_plan(cfg: FinetuneConfig, plan: Plan, data: str, num_classes, sizes_f
         f"  images           {cfg.input_size}x{cfg.input_size}, evaluated with crop_pct {cfg.crop_pct}"
         + (f" ({sizes_from})" if sizes_from else ""),
         *plan_lines(cfg, plan, data, images="training images", keep_hint="--drop_last false trains on them too",
-                    data_lines=[f"  validation       all {val_images} images of val/ after each epoch (none left out)"]
+                    data_lines=[f"  validation       all {val_images} images of {val_name} after each epoch (none "
+                                "left out)"]
                     if val_images is not None else []),
     ])
 
 
 def describe(cfg: FinetuneConfig, world_size: int) -> str:
     """The plan for `world_size` processes before any image is read (dry runs and the launcher): the folders
-    are checked and their images counted (the built-in demo's are not, before it is built)."""
+    are checked and their images counted, or the shards' counts read from their _info.json (the built-in demo's
+    are not, before it is built)."""
     root, num_classes, counts = ftdata.data_root(cfg, build=False), cfg.num_classes or "(from data)", {}
+    data, val_name = root, "val/"
     if cfg.data_path:
-        classes = labelled.check_splits(root)
+        data, classes = find_labelled_data(cfg.data_path, num_classes=cfg.num_classes)
         num_classes = len(classes)
-        counts = {split: sum(len(list_images(root / split / name)) for name in classes) for split in ("train", "val")}
-    return format_plan(cfg, plan_run(cfg, world_size, counts.get("train")), str(root), num_classes,
+        if isinstance(data, ShardSplits):
+            counts = {"train": epoch_samples(cfg.train_num_samples, data.train, log), "val": data.val.num_samples}
+            val_name = split_name(data, "val")
+        else:
+            counts = {split: sum(len(list_images(root / split / name)) for name in classes)
+                      for split in ("train", "val")}
+    return format_plan(cfg, plan_run(cfg, world_size, counts.get("train")),
+                       data.describe() if isinstance(data, ShardSplits) else str(root), num_classes,
                        "" if "input_size" in cfg.given else "or the checkpoint's, where it stores one",
-                       val_images=counts.get("val"))
+                       val_images=counts.get("val"), val_name=val_name)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -186,7 +206,7 @@ def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     input size, crop, channels, normalisation and layout stored in its config unless given."""
     # A given folder is checked before anything is read: eval.jsonl is written after the whole validation set.
     out = eval_folder(cfg, None, info.is_main) if "output_dir" in cfg.given else None
-    root, classes = ftdata.prepare_splits(cfg, info)
+    data, classes = ftdata.prepare_splits(cfg, info)
     resumed = ckpt.find_resume(cfg.resume, cfg.output_dir)
     path = resumed or (Path(cfg.finetune) if cfg.finetune else None)
     # rank 0's choice: every rank evaluates the same file
@@ -213,8 +233,8 @@ def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         if any(k.startswith("head.fc.") for k in report.missing):
             raise UsageError(f"{path} has no classifier head for {len(classes)} classes: evaluation needs a "
                              "fine-tuned checkpoint (fine-tune first, then --eval --resume CHECKPOINT)")
-    cfg, _, val = ftdata.prepare_data(cfg, root, classes, resumed=saved.get("config") if finetuned else None,
-                               pretrained=None if finetuned else saved.get("config"))
+    cfg, _, val = ftdata.prepare_data(cfg, data, classes, resumed=saved.get("config") if finetuned else None,
+                                      pretrained=None if finetuned else saved.get("config"), evaluating=True)
     del saved
     loader = ftdata.val_loader(cfg, val, info)
     results = {}
@@ -222,7 +242,7 @@ def evaluate_only(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         r = results[name] = evaluate(m.to(info.device), loader, info.device, cfg.amp)
         top5 = f"  top-5 {r['acc5']:.2f}%" if "acc5" in r else ""  # more than 5 classes only
         log(f"eval {name}: top-1 {r['acc1']:.2f}%{top5}  loss {r['loss']:.4f}  "
-            f"({r['count']} images of {root / 'val'} at {cfg.input_size}x{cfg.input_size}, crop_pct "
+            f"({r['count']} images of {split_name(data, 'val')} at {cfg.input_size}x{cfg.input_size}, crop_pct "
             f"{cfg.crop_pct}, checkpoint {path})")
     if info.is_main:
         JsonlLogger(out / "eval.jsonl").write({
@@ -239,7 +259,7 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     compile_fn = model_compiler(cfg, device)
 
     # Everything that can fail on bad input comes before any compute.
-    root, classes = ftdata.prepare_splits(cfg, info)
+    data, classes = ftdata.prepare_splits(cfg, info)
     num_classes = len(classes)
     cfg = cfg.replace(num_classes=num_classes)
     resume_from, saved = resume.resume_checkpoint(cfg.resume, out)  # rank 0 picks it for every rank
@@ -255,7 +275,7 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     model = _new_model(cfg, num_classes)
     if pretrained is not None:
         load_weights(model, pretrained, cfg.finetune)
-    cfg, train_set, val_set = ftdata.prepare_data(cfg, root, classes,
+    cfg, train_set, val_set = ftdata.prepare_data(cfg, data, classes,
                                            resumed=saved.get("config") if saved is not None else None,
                                            pretrained=pretrained.get("config") if pretrained is not None else None)
     del pretrained
@@ -264,8 +284,9 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
         old_plan = resume.check_resume(saved, cfg.to_dict(), plan, resume_from, SPEC.harmless_on_resume,
                                        cfg.allow_config_change)
     if main:
-        print(format_plan(cfg, plan, str(root), num_classes, f"{' and '.join(taken)} from {source}" if taken
-                          else "", val_images=len(val_set)), flush=True)
+        print(format_plan(cfg, plan, data.describe() if isinstance(data, ShardSplits) else str(data), num_classes,
+                          f"{' and '.join(taken)} from {source}" if taken else "", val_images=split_size(val_set),
+                          val_name=split_name(data, "val") if isinstance(data, ShardSplits) else "val/"), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict(), "classes": classes}, out / "config.yaml")
 
     model.to(device)
@@ -281,12 +302,17 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
     mixup = ftdata.make_mixup(cfg.to_dict(), num_classes)
     bad_images = BadImageTracker(len(train_set), cfg.max_bad_fraction, logger=lambda m: log(m, main_only=False))
     step = ClassificationStep(ftdata.make_criterion(cfg.to_dict(), mixup), mixup, device)
+    stream = train_set if isinstance(train_set, ShardStream) else None  # shards: its position goes in checkpoints
     trainer = Trainer(model, optimizer, step, LoopSettings.of(cfg, plan), info, out, cfg.log_dir,
                       {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp),
                       after_step=ema.update if ema is not None else None,
                       extra_state=lambda: {"ema": ema.module.state_dict() if ema is not None else None,
-                                           "best": best, "classes": classes},
+                                           "best": best, "classes": classes,
+                                           **({"stream": stream.positions(trainer.state.epoch,
+                                                                          trainer.state.iteration)}
+                                              if stream is not None else {})},
                       compile_fn=compile_fn, bad_inputs=bad_images, is_best_epoch=lambda: epoch_is_best[0])
+    saved_stream = saved.get("stream") if saved is not None else None
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
         resume.align_state(trainer.state, old_plan, plan)
@@ -332,8 +358,11 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
             + epoch_line_timing(trainer.epoch_timing))
 
     loader = train_loader(train_set, plan, cfg.num_workers, cfg.seed, info, collate_fn=collate_images)
+    if stream is not None and stream.resume_note(saved_stream):
+        log(stream.resume_note(saved_stream))
+    val_count = split_size(val_set)
     log(f"training: {len(train_set)} images in {num_classes} classes, {plan.iters_per_epoch} iterations/epoch, "
-        f"validation on {len(val_set)} images, output in {out}"
+        f"validation on {'all' if val_count is None else val_count} images, output in {out}"
         + (f"; torch.compile ({cfg.compile_backend}) for training, eager validation" if compile_fn else ""))
     if not trainer.fit(loader, end_epoch):
         return 0

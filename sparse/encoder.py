@@ -71,6 +71,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """ConvNeXt V2 block: dwconv 7x7 -> LN -> MLP with GRN -> drop path -> residual."""
 
+    #: regional compilation (fcmae.runtime.device.compile_regions) compiles each block on its own
+    compile_region = True
+
     def __init__(self, dim: int, drop_path: float = 0.0):
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
@@ -103,6 +106,7 @@ class Stage(nn.Module):
         if isinstance(self.downsample, nn.Sequential):
             norm, conv = self.downsample
             x = sites.downsample(norm(x), conv)
+        sites.prepare(x)
         for block in self.blocks:
             x = block(x, sites)
         return x

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import drop_path as timm_drop_path
 
-from sparse.depthwise import visible_depthwise_conv
+from sparse.depthwise import depthwise_method, stage_indices, visible_depthwise_conv
 from sparse.grn import global_response_norm
 
 PATCH_PIXELS = 32  # FCMAE masks 32x32-pixel patches: one site at stride 32.
@@ -40,6 +40,15 @@ class Sites:
         # visible: (N, Hp, Wp) bool, True where the 32x32 patch is kept.
         self.visible = visible
         self.batch_size, self.grid_h, self.grid_w = visible.shape
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Make (and cache) what the blocks of x's stage read, before the first of them.
+
+        A block then only reads this object. That lets a block compiled on its
+        own serve every block of its stage with one graph (regional
+        compilation, fcmae.runtime.device): a first block that filled a
+        cache would compile differently from the rest.
+        """
 
     # -- spatial ops ---------------------------------------------------------
     def stem(self, imgs: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -157,6 +166,10 @@ class PatchSites(Sites):
         blocks = pixels.reshape(n, self.grid_h, PATCH_PIXELS, self.grid_w, PATCH_PIXELS, c)
         return self._patchwise_conv(blocks[self.batch_index, self.rows, :, self.cols], conv)
 
+    def prepare(self, x):
+        p = x.shape[2]
+        stage_indices(self, p, depthwise_method(x.device.type, p), x.device)
+
     def depthwise_conv(self, x, conv):
         # Each part by the method that is fastest for this device and stage.
         return visible_depthwise_conv(self, x, conv)
@@ -177,12 +190,20 @@ class MaskedDenseSites(Sites):
 
     def _visible_at(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 1) 0/1 multiplier at the resolution of channels-last x (made once per stage)."""
-        p = x.shape[1] // self.grid_h
-        key = (p, x.dtype)
+        return self._multiplier(x.shape[1] // self.grid_h, x.dtype)
+
+    def _multiplier(self, p: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (p, dtype)
         if key not in self._multipliers:
             vis = self.visible.repeat_interleave(p, 1).repeat_interleave(p, 2)
-            self._multipliers[key] = vis.unsqueeze(-1).to(x.dtype)
+            self._multipliers[key] = vis.unsqueeze(-1).to(dtype)
         return self._multipliers[key]
+
+    def prepare(self, x):
+        p = x.shape[1] // self.grid_h
+        self._multiplier(p, x.dtype)
+        if torch.is_autocast_enabled(x.device.type):  # the blocks' MLP also zeroes maps of the autocast dtype
+            self._multiplier(p, torch.get_autocast_dtype(x.device.type))
 
     def zero_masked(self, x):
         return x * self._visible_at(x)

@@ -1,6 +1,8 @@
 """Small shared pieces of the tests: tiny configs and runs, random weights, random masks, image files, a
 single-process environment."""
 
+import io
+import json
 import math
 import os
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 import torch.nn as nn
+import webdataset as wds
 from PIL import Image
 
 from fcmae.runtime.logs import read_jsonl
@@ -127,3 +130,45 @@ def steps_logged(out) -> list:
         return [r["step"] for r in read_jsonl(path) if r["type"] == "train"] if path.exists() else []
     except ValueError:  # a line being written
         return []
+
+
+def write_shards(folder: Path, shards: int, per_shard: int, size: int = 48, prefix: str = "train", seed: int = 0,
+                 kind: str = "png", classes: int = 3, info: bool = True) -> List[str]:
+    """`shards` WebDataset shards of `per_shard` labelled samples each (`prefix`-000000.tar, ...) in `folder`, with
+    an _info.json unless `info` is False; returns the keys in order. kind: 'png' (8-bit RGB), 'png16' (16-bit
+    grey) or 'jpg'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    keys, names = [], []
+    for s in range(shards):
+        name = f"{prefix}-{s:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as writer:
+            for i in range(per_shard):
+                n = s * per_shard + i
+                if kind == "png16":
+                    pixels = (rng.rand(size, size) * 65535).astype(np.uint16)
+                else:
+                    pixels = (rng.rand(size, size, 3) * 255).astype(np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, "JPEG" if kind == "jpg" else "PNG")
+                key = f"{n:09d}"
+                writer.write({"__key__": key, "jpg" if kind == "jpg" else "png": buffer.getvalue(),
+                              "cls": str(n % classes).encode()})
+                keys.append(key)
+        names.append(name)
+    if info:
+        (folder / "_info.json").write_text(json.dumps({
+            "name": folder.name, "fcmae_shards": 1, "classes": [f"class{c}" for c in range(classes)],
+            "splits": {prefix: {"name": prefix, "num_samples": shards * per_shard, "filenames": names,
+                                "shard_lengths": [per_shard] * shards}}}))
+    return keys
+
+
+def train_losses(out) -> list:
+    """(step, loss) of each train record of a run's log.jsonl."""
+    return [(r["step"], r["loss"]) for r in read_jsonl(Path(out) / "log.jsonl") if r["type"] == "train"]
+
+
+def epoch_losses(out) -> list:
+    """The loss of each epoch record of a run's log.jsonl."""
+    return [r["loss"] for r in read_jsonl(Path(out) / "log.jsonl") if r["type"] == "epoch"]

@@ -1,4 +1,5 @@
-"""Crops: where a random crop falls (`sample_crop`), and cutting and resizing it from a Pillow image or an array.
+"""Crops: where a random crop falls (`sample_crop`), and cutting and resizing it from a Pillow image or an array;
+`TensorEvalTransform`, evaluation's resize and centre crop on tensors.
 
 Photographs are cropped by Pillow at reduced size where the crop allows
 (libjpeg's DCT scaling, `dct_scale`); domain images (16-bit, multi-channel,
@@ -69,3 +70,24 @@ def array_crop(array: torch.Tensor, box: Tuple[int, int, int, int], size: int) -
         return crop[0]
     return torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False,
                                            antialias=True)[0]
+
+
+class TensorEvalTransform:
+    """(C, H, W) float in [0, 1] -> shorter side to input_size / crop_pct (bicubic), centre crop, normalise.
+
+    Fine-tuning's evaluation transform (finetune.data) and the reconstruction picture's fixed batch.
+    """
+
+    def __init__(self, input_size: int, crop_pct: float, mean, std):
+        self.size, self.crop_pct = int(input_size), float(crop_pct)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        short = int(self.size / self.crop_pct)
+        th, tw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+        x = torch.nn.functional.interpolate(image[None].float(), size=(th, tw), mode="bicubic", align_corners=False,
+                                            antialias=True)[0]
+        top, left = (th - self.size) // 2, (tw - self.size) // 2
+        return (x[:, top:top + self.size, left:left + self.size] - self.mean) / self.std

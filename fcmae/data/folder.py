@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from fcmae.data.crops import array_crop, pil_crop, sample_crop
+from fcmae.data.crops import TensorEvalTransform, array_crop, pil_crop, sample_crop
 from fcmae.data.gpu_decode import EncodedBatch, EncodedImage, GpuJpegDecoder, resolve_decode
 from fcmae.data.image_io import (
     LAYOUTS,
@@ -127,28 +127,103 @@ def first_readable(index: int, files: Sequence[PathLike], read: Callable[[int], 
                                f"the data set at {root} looks broken")
 
 
-class TensorEvalTransform:
-    """(C, H, W) float in [0, 1] -> shorter side to input_size / crop_pct (bicubic), centre crop, normalise.
+class PretrainCrops:
+    """The pre-training augmentation of one image, shared by the folder and the shards (fcmae.data.shards).
 
-    Fine-tuning's evaluation transform (finetune.data) and the reconstruction picture's fixed batch.
+    Expects the attributes `input_size`, `crop_scale`, `crop_ratio`, `seed`, `epoch`, `in_chans`, `decode`,
+    `mean`, `std`, `_affine` (None) and `_decoders` ({}).
     """
 
-    def __init__(self, input_size: int, crop_pct: float, mean, std):
-        self.size, self.crop_pct = int(input_size), float(crop_pct)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    def fixed_batch(self, count: int, source=None) -> Optional[torch.Tensor]:
+        """`count` images spread over the set (or over `source`: `load_unit(i)` and len), shorter side resized
+        to input_size, centre-cropped, normalised.
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        short = int(self.size / self.crop_pct)
-        th, tw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
-        x = torch.nn.functional.interpolate(image[None].float(), size=(th, tw), mode="bicubic", align_corners=False,
-                                            antialias=True)[0]
-        top, left = (th - self.size) // 2, (tw - self.size) // 2
-        return (x[:, top:top + self.size, left:left + self.size] - self.mean) / self.std
+        For the reconstruction picture; unreadable files are left out (None when none is readable).
+        """
+        source = self if source is None else source
+        transform = TensorEvalTransform(self.input_size, 1.0, self.mean, self.std)
+        images = []
+        for i in np.linspace(0, len(source) - 1, min(count, len(source))).round().astype(int):
+            try:
+                unit = source.load_unit(int(i))
+            except UNREADABLE_IMAGE_ERRORS:
+                continue
+            images.append(transform(unit))
+        return torch.stack(images) if images else None
+
+    # ------------------------------------------------------------ training items
+    def normalise(self, unit: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:
+        """(C, H, W) values in [0, max_value] -> (x / max_value - mean) / std per channel, as float32."""
+        if self._affine is None or self._affine[0] != max_value:
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+            self._affine = (max_value, 1.0 / (max_value * std), mean / std)
+        _, scale, shift = self._affine
+        return unit.float().mul_(scale).sub_(shift) if unit.dtype != torch.float32 else unit * scale - shift
+
+    def sample_crop(self, height: int, width: int, index: int) -> Tuple[Tuple[int, int, int, int], bool]:
+        """The crop box (top, left, h, w) and flip of sample `index` this epoch, for an image of this size."""
+        with torch.random.fork_rng(devices=[]):
+            # CPU generator only: torch.manual_seed would also queue CUDA seeding (slow, and not needed here)
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return sample_crop(height, width, self.crop_scale, self.crop_ratio)
+
+    def crop_image(self, image: ImageFile, index: int):
+        """`crop_item` of an open image (a file, or a shard's sample held in memory: fcmae.data.shards)."""
+        info = image.info
+        box, flip = self.sample_crop(info.height, info.width, index)
+        if image.pil is not None:
+            return self._crop_pillow(image.pil, image.file, info, box, flip)
+        crop = image.read_unit(self.in_chans, box)  # only the crop is read (arrays) and converted
+        _, _, h, w = box
+        return self._finish(array_crop(crop, (0, 0, h, w), self.input_size), flip)
+
+    def _crop_pillow(self, image: Image.Image, f, info: ImageInfo, box: Tuple[int, int, int, int], flip: bool):
+        size = self.input_size
+        if self.decode == "gpu" and image.format == "JPEG" and image.mode in ("RGB", "L"):
+            f.seek(0)
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            return EncodedImage(data, torch.tensor([*box, int(flip)]))
+        if info.dtype == "uint8" and pil_target_mode(self.in_chans) is not None:
+            crop = pil_crop(image, box, size, self.in_chans)
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
+            pixels = np.asarray(crop).reshape(size, size, -1)
+            # np.array copies: Pillow's array is read-only, and a one-channel transpose is a view of it
+            pixels = torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
+            return pixels if self.decode == "gpu" else self.normalise(pixels, 255.0)
+        stored = np.asarray(image)  # as stored (RGBA: Pillow's resize would premultiply alpha)
+        stored = stored if stored.ndim == 3 else stored[..., None]
+        top, left, h, w = box
+        unit = torch.from_numpy(scale_to_unit(stored[top:top + h, left:left + w]).transpose(2, 0, 1))
+        return self._finish(array_crop(unit, (0, 0, h, w), size), flip)
+
+    def _finish(self, unit: torch.Tensor, flip: bool) -> torch.Tensor:
+        """A cropped (C, S, S) image in 0..1 -> the normalised sample, or for decode='gpu' the uint8 crop
+        `to_device` finishes (decode='gpu' runs on 8-bit data sets only, so 255 steps lose nothing)."""
+        unit = unit.flip(-1) if flip else unit
+        if self.decode == "gpu":
+            return unit.mul(255.0).clamp_(0, 255).round_().to(torch.uint8)
+        return self.normalise(unit)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_decoders"] = {}  # CUDA tensors never travel to loader workers
+        return state
+
+    def to_device(self, images, device) -> torch.Tensor:
+        """A collated batch of images as a normalised float tensor on `device` (GPU-decoding it when encoded)."""
+        if torch.is_tensor(images):
+            return images.to(device, non_blocking=True)
+
+        key = str(device)
+        if key not in self._decoders:
+            self._decoders[key] = GpuJpegDecoder(self.input_size, self.mean, self.std, device)
+        return self._decoders[key](images)
 
 
-class ImageFolderDataset(Dataset):
+
+
+class ImageFolderDataset(PretrainCrops, Dataset):
     """All images below `root`; item i is (image tensor, tuple of (path, reason) of bad files met).
 
     Two ways to use it:
@@ -236,76 +311,11 @@ class ImageFolderDataset(Dataset):
         with self.open(index) as image:
             return image.read_pil(self.in_chans)
 
-    def fixed_batch(self, count: int) -> Optional[torch.Tensor]:
-        """`count` images spread over the set, shorter side resized to input_size, centre-cropped, normalised.
-
-        For the reconstruction picture; unreadable files are left out (None when none is readable).
-        """
-        transform = TensorEvalTransform(self.input_size, 1.0, self.mean, self.std)
-        images = []
-        for i in np.linspace(0, len(self) - 1, min(count, len(self))).round().astype(int):
-            try:
-                unit = self.load_unit(int(i))
-            except UNREADABLE_IMAGE_ERRORS:
-                continue
-            images.append(transform(unit))
-        return torch.stack(images) if images else None
-
-    # ------------------------------------------------------------ training items
-    def normalise(self, unit: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:
-        """(C, H, W) values in [0, max_value] -> (x / max_value - mean) / std per channel, as float32."""
-        if self._affine is None or self._affine[0] != max_value:
-            mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-            std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-            self._affine = (max_value, 1.0 / (max_value * std), mean / std)
-        _, scale, shift = self._affine
-        return unit.float().mul_(scale).sub_(shift) if unit.dtype != torch.float32 else unit * scale - shift
-
-    def sample_crop(self, height: int, width: int, index: int) -> Tuple[Tuple[int, int, int, int], bool]:
-        """The crop box (top, left, h, w) and flip of sample `index` this epoch, for an image of this size."""
-        with torch.random.fork_rng(devices=[]):
-            # CPU generator only: torch.manual_seed would also queue CUDA seeding (slow, and not needed here)
-            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
-            return sample_crop(height, width, self.crop_scale, self.crop_ratio)
-
     def crop_item(self, file_index: int, index: int):
         """The augmented sample `index` from file `file_index`: a normalised tensor or, for decode='gpu', an
         `EncodedImage` (JPEG bytes + box) or uint8 crop that `to_device` finishes."""
         with self.open(file_index) as image:
-            info = image.info
-            box, flip = self.sample_crop(info.height, info.width, index)
-            if image.pil is not None:
-                return self._crop_pillow(image.pil, image.file, info, box, flip)
-            crop = image.read_unit(self.in_chans, box)  # only the crop is read (arrays) and converted
-        _, _, h, w = box
-        return self._finish(array_crop(crop, (0, 0, h, w), self.input_size), flip)
-
-    def _crop_pillow(self, image: Image.Image, f, info: ImageInfo, box: Tuple[int, int, int, int], flip: bool):
-        size = self.input_size
-        if self.decode == "gpu" and image.format == "JPEG" and image.mode in ("RGB", "L"):
-            f.seek(0)
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-            return EncodedImage(data, torch.tensor([*box, int(flip)]))
-        if info.dtype == "uint8" and pil_target_mode(self.in_chans) is not None:
-            crop = pil_crop(image, box, size, self.in_chans)
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
-            pixels = np.asarray(crop).reshape(size, size, -1)
-            # np.array copies: Pillow's array is read-only, and a one-channel transpose is a view of it
-            pixels = torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
-            return pixels if self.decode == "gpu" else self.normalise(pixels, 255.0)
-        stored = np.asarray(image)  # as stored (RGBA: Pillow's resize would premultiply alpha)
-        stored = stored if stored.ndim == 3 else stored[..., None]
-        top, left, h, w = box
-        unit = torch.from_numpy(scale_to_unit(stored[top:top + h, left:left + w]).transpose(2, 0, 1))
-        return self._finish(array_crop(unit, (0, 0, h, w), size), flip)
-
-    def _finish(self, unit: torch.Tensor, flip: bool) -> torch.Tensor:
-        """A cropped (C, S, S) image in 0..1 -> the normalised sample, or for decode='gpu' the uint8 crop
-        `to_device` finishes (decode='gpu' runs on 8-bit data sets only, so 255 steps lose nothing)."""
-        unit = unit.flip(-1) if flip else unit
-        if self.decode == "gpu":
-            return unit.mul(255.0).clamp_(0, 255).round_().to(torch.uint8)
-        return self.normalise(unit)
+            return self.crop_image(image, index)
 
     def __getitem__(self, index: int):
         if self.input_size is not None:
@@ -317,22 +327,6 @@ class ImageFolderDataset(Dataset):
                 torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
                 image = self.transform(image)
         return image, bad
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_decoders"] = {}  # CUDA tensors never travel to loader workers
-        return state
-
-    def to_device(self, images, device) -> torch.Tensor:
-        """A collated batch of images as a normalised float tensor on `device` (GPU-decoding it when encoded)."""
-        if torch.is_tensor(images):
-            return images.to(device, non_blocking=True)
-
-        key = str(device)
-        if key not in self._decoders:
-            self._decoders[key] = GpuJpegDecoder(self.input_size, self.mean, self.std, device)
-        return self._decoders[key](images)
-
 
 def collate_images(batch: Sequence[Tuple[Any, tuple]]):
     """Stack the images (or gather encoded ones); concatenate the (path, reason) of bad files met while loading.
@@ -353,19 +347,28 @@ def collate_images(batch: Sequence[Tuple[Any, tuple]]):
 
 
 class BadImageTracker:
-    """Counts unreadable files (each logged once) and stops when more than a fraction is bad."""
+    """Counts unreadable files (each logged once) and stops when more than a fraction is bad.
+
+    An entry of `bad` is (path, reason), or (path, reason, count) for one that stands for `count` samples
+    (a shard cut short: fcmae.data.shard_stream).
+    """
 
     def __init__(self, dataset_size: int, max_fraction: float, logger=print):
         self.dataset_size = dataset_size
         self.max_fraction = max_fraction
         self.logger = logger
-        self.seen = {}
+        self.seen = {}  # path -> (reason, samples lost)
 
     @property
     def limit(self) -> int:
         return int(math.floor(self.max_fraction * self.dataset_size))
 
-    def report(self, bad: Sequence[Tuple[str, str]], fail: Callable[[Exception], None]) -> None:
+    @property
+    def lost(self) -> int:
+        """The samples lost so far."""
+        return sum(count for _, count in self.seen.values())
+
+    def report(self, bad: Sequence[tuple], fail: Callable[[Exception], None]) -> None:
         """`update`, but too many bad files go to `fail` (Trainer.fail_at_next_check) instead of raising:
         this rank alone may see them, so every rank stops together at the next check."""
         if bad:
@@ -374,13 +377,13 @@ class BadImageTracker:
             except DataError as e:
                 fail(e)
 
-    def update(self, bad: Sequence[Tuple[str, str]]) -> None:
-        for path, reason in bad:
+    def update(self, bad: Sequence[tuple]) -> None:
+        for path, reason, *count in bad:
             if path not in self.seen:
-                self.seen[path] = reason
-                self.logger(f"skipping unreadable image {path} ({reason}); {len(self.seen)} bad so far")
-        if len(self.seen) > self.limit:
+                self.seen[path] = (reason, count[0] if count else 1)
+                self.logger(f"skipping unreadable image {path} ({reason}); {self.lost} bad so far")
+        if self.lost > self.limit:
             raise DataError(
-                f"{len(self.seen)} of {self.dataset_size} images are unreadable, more than the allowed "
+                f"{self.lost} of {self.dataset_size} images are unreadable, more than the allowed "
                 f"{self.max_fraction:.1%} (max_bad_fraction); fix or remove them, e.g. {next(iter(self.seen))}"
             )

@@ -1,11 +1,12 @@
-"""GPU JPEG decoding for pre-training (`decode='gpu'`): nvJPEG through torchvision, crops on the GPU.
+"""GPU JPEG decoding for pre-training (`decode='gpu'`): nvJPEG through TorchCodec, crops on the GPU.
 
 The loader workers do what is cheap on the CPU: read the file's bytes and
 its header, and draw the crop box and flip exactly as the CPU path does
 (fcmae.data.folder.sample_crop, on the full image's size, seeded per sample). The
 batch then travels as compressed bytes; `GpuJpegDecoder` decodes it with
-`torchvision.io.decode_jpeg(list, device='cuda')` (batched nvJPEG), crops
-each box, resizes it to input_size (bicubic, antialiased), flips and
+`fcmae.data.decoders.decode_jpegs(list, 'cuda')` (batched nvJPEG:
+TorchCodec's `decode_jpeg`, or torchvision's where TorchCodec is absent),
+crops each box, resizes it to input_size (bicubic, antialiased), flips and
 normalises on the GPU. So the augmentation distribution is the CPU path's;
 the pixels differ only by the decoder and resampler (bicubic in torch
 instead of Pillow), within a few levels of 255.
@@ -22,9 +23,9 @@ JPEG data: the headers checked at start must all be JPEG, else a clear
 error); 'auto' = 'gpu' when CUDA is available and the checked headers are
 all 3-channel 8-bit JPEGs, else 'cpu'.
 
-Status: the CPU tests run this code with device='cpu' (torchvision's CPU
-JPEG decoder) and compare it with the CPU path; the test marked `cuda`
-runs it on a GPU where one exists.
+Status: the CPU tests run this code with device='cpu' (the CPU JPEG
+decoder of TorchCodec and of torchvision) and compare it with the CPU path;
+the test marked `cuda` runs it on a GPU where one exists.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
+from fcmae.data.decoders import decode_jpegs
 from fcmae.data.image_io import UNREADABLE_IMAGE_ERRORS, DataError
 
 DECODE_MODES = ("cpu", "gpu", "auto")
@@ -118,12 +119,12 @@ class GpuJpegDecoder:
 
     def _decode(self, datas: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         try:
-            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device))
+            return decode_jpegs(datas, self.device)
         except RuntimeError:
             out = []
             for data in datas:  # find the culprit(s): one by one
                 try:
-                    out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                    out.append(decode_jpegs([data], self.device)[0])
                 except RuntimeError:
                     out.append(_decode_on_cpu(data))
             return out

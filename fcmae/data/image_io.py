@@ -11,8 +11,8 @@ Formats and how they are read:
 - JPEG, 8-bit PNG, BMP, PPM/PGM, WebP, 8-bit TIFF-less formats: Pillow.
   JPEGs are decoded at 1/2, 1/4 or 1/8 size when the crop allows it
   (libjpeg's DCT scaling through `Image.draft`, see `pil_crop`).
-- 16-bit PNG (grey, grey+alpha, RGB, RGBA): torchvision's `decode_png`
-  (Pillow reads 16-bit colour PNGs as 8-bit and 16-bit grey ones as I;16).
+- 16-bit PNG (grey, grey+alpha, RGB, RGBA): fcmae.data.decoders (TorchCodec, else torchvision;
+  Pillow reads 16-bit colour PNGs as 8-bit and 16-bit grey ones as I;16).
 - TIFF (.tif, .tiff): tifffile; the first series, its own axes metadata
   says where the channels are ('YX' -> 1 channel, 'YXS' -> channels last,
   any other 3-axis order -> channels first).
@@ -38,6 +38,7 @@ an unreadable file.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from contextlib import contextmanager
@@ -48,7 +49,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_png
+
+from fcmae.data.decoders import decode_png16
 
 PathLike = Union[str, os.PathLike]
 
@@ -63,7 +65,7 @@ PNG_COLOR_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 
 
 # What reading an unreadable image file raises: a truncated or corrupt file (OSError; RuntimeError from
-# torchvision's PNG decoder; ValueError from numpy and tifffile), one too large for Pillow, or one not of the
+# the 16-bit PNG decoder; ValueError from numpy and tifffile), one too large for Pillow, or one not of the
 # data set's format (ImageFormatError is a ValueError). Training skips such files and reports them; the header
 # check (`check_folder`, where a format mismatch is an error), the channel statistics and pictures skip them.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, RuntimeError, Image.DecompressionBombError)
@@ -98,7 +100,7 @@ class UnreadableImageError(DataError):
 class ImageInfo:
     """What a file's header says: size, stored channels, sample dtype, and how to read it.
 
-    kind: 'pil' (Pillow, 8-bit or 1-channel 16/32-bit), 'png16' (torchvision),
+    kind: 'pil' (Pillow, 8-bit or 1-channel 16/32-bit), 'png16' (fcmae.data.decoders),
     'tiff' (tifffile) or 'npy'. layout: 'HW', 'HWC' or 'CHW' (arrays) or ''.
     """
 
@@ -170,17 +172,21 @@ class ImageFile:
     yet decoded image and `file` its open file object (None for the other
     kinds).
 
+    An image held in memory (a shard's sample, fcmae.data.shards) is read the same way from its bytes `data`.
+
     Args:
-        path: the image file.
+        path: the image file, or with `data` the name of the image (its suffix says the format).
         layout: 'auto', 'HWC' or 'CHW', for 3-D .npy arrays (see the module docstring).
         in_chans: the data set's channel count, which decides 'auto' layouts.
         dtype: the data set's sample dtype; when given, the header is checked against in_chans channels of it
             (`check_compatible`: ImageFormatError naming the file).
+        data: the encoded image itself, when it is not a file.
     """
 
     def __init__(self, path: PathLike, layout: str = "auto", in_chans: Optional[int] = None,
-                 dtype: Optional[str] = None):
+                 dtype: Optional[str] = None, data: Optional[bytes] = None):
         self.path = str(path)
+        self.data = data
         self.file = self.pil = None
         self._array = self._tif = None
         try:
@@ -191,11 +197,15 @@ class ImageFile:
             self.close()
             raise
 
+    def _source(self):  # the file's path, or a file object over the bytes of an image held in memory
+        return self.path if self.data is None else io.BytesIO(self.data)
+
     def _open(self, suffix: str, layout: str, in_chans: Optional[int]) -> ImageInfo:
         path = self.path
         if suffix in ARRAY_SUFFIXES:
             try:
-                self._array = np.load(path, mmap_mode="r", allow_pickle=False)
+                self._array = np.load(self._source(), mmap_mode="r" if self.data is None else None,
+                                      allow_pickle=False)
             except ValueError as e:  # unreadable, like a truncated JPEG: skipped and reported by training
                 raise OSError(f"{path}: not a readable .npy array ({e})") from None
             _check_dtype(path, self._array.dtype)
@@ -205,7 +215,7 @@ class ImageFile:
             import tifffile  # only TIFF files need it
 
             with _corrupt_tiff_is_unreadable(path):
-                self._tif = tifffile.TiffFile(path)
+                self._tif = tifffile.TiffFile(self._source())
                 series = self._tif.series[0]
                 shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
             _check_dtype(path, dtype)
@@ -216,7 +226,7 @@ class ImageFile:
             if axes.endswith("S"):
                 return ImageInfo(path, shape[0], shape[1], shape[2], dtype.name, "tiff", layout="HWC")
             return ImageInfo(path, shape[1], shape[2], shape[0], dtype.name, "tiff", layout="CHW")
-        self.file = open(path, "rb")
+        self.file = open(path, "rb") if self.data is None else io.BytesIO(self.data)
         png = png_header(self.file.read(29)) if suffix == ".png" else None
         self.file.seek(0)
         if png is not None and png[2] == 16:
@@ -240,9 +250,7 @@ class ImageFile:
                 stored = self._tiff_pixels() if box is not None else self._tif.asarray(series=0)
         elif info.kind == "png16":
             self.file.seek(0)
-            data = torch.from_numpy(np.fromfile(self.file, dtype=np.uint8))  # the file's bytes, copied once
-            pixels = decode_png(data, ImageReadMode.UNCHANGED)  # (C, H, W) torch.uint16
-            stored = pixels.view(torch.int16).numpy().view(np.uint16)
+            stored = decode_png16(self.data if self.data is not None else self.file.read())  # (C, H, W) uint16
         else:
             image = self.pil
             mode = pil_target_mode(in_chans) if info.dtype == "uint8" else None
@@ -316,9 +324,11 @@ def _corrupt_tiff_is_unreadable(path: str):
         raise OSError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
 
 
-def read_info(path: PathLike, layout: str = "auto", in_chans: Optional[int] = None) -> ImageInfo:
-    """The header of an image file (nothing is decoded). Raises ImageFormatError, OSError."""
-    with ImageFile(path, layout, in_chans) as image:
+def read_info(path: PathLike, layout: str = "auto", in_chans: Optional[int] = None,
+              data: Optional[bytes] = None) -> ImageInfo:
+    """The header of an image file, or of the image `data` named `path` (nothing is decoded). Raises
+    ImageFormatError, OSError."""
+    with ImageFile(path, layout, in_chans, data=data) as image:
         return image.info
 
 
@@ -362,6 +372,8 @@ def pil_target_mode(in_chans: int) -> Optional[str]:
 def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, where: str = "") -> list:
     """Headers of up to `limit` of `files`, spread over the list (first included); all must agree.
 
+    An item of `files` is a path, or a (name, bytes) pair for an image held in memory (a shard's sample).
+
     Returns the readable ones (unreadable files are left to training to skip and report); raises
     ImageFormatError naming the first file whose channels or bit depth differ from the first readable one.
     """
@@ -369,14 +381,16 @@ def check_folder(files, in_chans: int, layout: str = "auto", limit: int = 1000, 
     infos = []
     for i in picks:
         try:
-            infos.append(read_info(files[i], layout, in_chans))
+            name, data = files[i] if isinstance(files[i], tuple) else (files[i], None)
+            infos.append(read_info(name, layout, in_chans, data=data))
         except ImageFormatError:
             raise
         except UNREADABLE_IMAGE_ERRORS:
             continue
     if not infos:
+        first = files[0][0] if isinstance(files[0], tuple) else files[0]
         raise ImageFormatError(f"none of the {len(picks)} files checked in {where} is a readable image, "
-                               f"e.g. {files[0]}")
+                               f"e.g. {first}")
     for info in infos:
         try:
             check_compatible(info, in_chans, infos[0].dtype)

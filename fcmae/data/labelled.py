@@ -35,12 +35,11 @@ from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, Sampler
 
-from fcmae.data.crops import array_crop, sample_crop
+from fcmae.data.crops import TensorEvalTransform, array_crop, sample_crop
 from fcmae.data.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataError,
-    TensorEvalTransform,
     check_in_chans,
     first_readable,
     list_images,

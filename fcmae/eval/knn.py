@@ -16,8 +16,9 @@ with no process group.
 Users: `fcmae-knn` and `fcmae-linprobe` (finetune.knn, finetune.linprobe)
 with timm's dense model, and `KnnMonitor`, which pre-training
 (fcmae.pretrain.main) runs every `knn_every` epochs on the FCMAE encoder.
-The labelled folder is read by finetune.data's `LabelledFolder` (the
-reader fine-tuning uses), imported when loaders are built.
+The labelled data, a folder or labelled shards, is read by
+fcmae.data.labelled_splits (the readers fine-tuning evaluates with): every
+image once, in order, centre-cropped.
 """
 
 from __future__ import annotations
@@ -34,15 +35,13 @@ from fcmae.data import labelled
 from fcmae.data.demo import demo_classification_folder
 from fcmae.data.folder import DataError
 from fcmae.data.image_io import UnreadableImageError
-from fcmae.data.labelled import check_splits
+from fcmae.data.labelled_splits import LabelledData, ShardSplits, eval_loader, eval_set, find_labelled_data, split_size
 from fcmae.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from fcmae.runtime import distributed
 from fcmae.runtime.config import config_root, load_config
 from fcmae.runtime.device import autocast_context
 from fcmae.runtime.distributed import raise_first_error
 from fcmae.runtime.errors import UsageError
-from fcmae.runtime.lifeline import loader_worker_init
-from fcmae.runtime.loader import usable_workers
 from fcmae.runtime.logs import log
 
 __all__ = ["extract_features", "gather_rows", "sum_over_ranks", "has_top5", "knn_classify", "knn_evaluate",
@@ -178,13 +177,14 @@ def knn_evaluate(encode: Encode, train_loader, val_loader, device: torch.device,
     return {**result, "count": int(count)}
 
 
-def make_loaders(root, classes: List[str], input_size: int, crop_pct: float, batch_size: int, num_workers: int,
-                 rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None, in_chans: int = 3,
-                 mean=None, std=None, layout: str = "auto"):
-    """(train, val) loaders of this rank's shards of root/train and root/val: centre crops, no augmentation.
+def make_loaders(root: LabelledData, classes: List[str], input_size: int, crop_pct: float, batch_size: int,
+                 num_workers: int, rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None,
+                 in_chans: int = 3, mean=None, std=None, layout: str = "auto") -> Tuple[DataLoader, DataLoader]:
+    """(train, val) loaders of this rank's part of the train and val splits: centre crops, no augmentation.
 
-    `classes` comes from `fcmae.data.labelled.check_splits(root)` (which checks the
-    folder); every image is seen by exactly one rank. The loaders draw
+    `root` and `classes` come from `fcmae.data.labelled_splits.find_labelled_data` (which checks them): a folder
+    with train/<class>/ and val/<class>/, or labelled shards; every image is seen by exactly one rank, each
+    split read once, in order. The loaders draw
     nothing from torch's global RNG, so evaluating between training epochs
     leaves the training run's random stream as it was. in_chans, mean, std (None: ImageNet's) and layout:
     the images' format and normalisation, as in pre-training (docs/own-data.md).
@@ -192,15 +192,14 @@ def make_loaders(root, classes: List[str], input_size: int, crop_pct: float, bat
 
     settings = {"input_size": input_size, "crop_pct": crop_pct}
     mean, std = IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std
-    loaders, workers = [], usable_workers(num_workers)
+    data = root if isinstance(root, ShardSplits) else Path(root)
+    loaders = []
     for split in ("train", "val"):
-        dataset = labelled.LabelledFolder(Path(root) / split, classes, in_chans=in_chans, layout=layout)
+        dataset = eval_set(data, split, classes, in_chans=in_chans, layout=layout)
         dataset.transform = labelled.eval_transform(settings, mean, std, pil=dataset.uses_pil)
-        sampler = labelled.ShardSampler(len(dataset), rank, world_size)
-        loaders.append(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                  pin_memory=device is not None and device.type == "cuda",
-                                  generator=torch.Generator(),  # its worker seeds come from here
-                                  worker_init_fn=loader_worker_init))  # workers end with their process
+        loaders.append(eval_loader(dataset, batch_size, num_workers, rank, world_size,
+                                   pin=device is not None and device.type == "cuda",
+                                   generator=torch.Generator()))  # its worker seeds come from here
     return loaders[0], loaders[1]
 
 
@@ -223,8 +222,8 @@ class KnnMonitor:
     """Weighted kNN accuracy of the FCMAE encoder during pre-training, every `every` epochs and after the last.
 
     Args:
-        root: the labelled folder (train/<class>/, val/<class>/), already checked.
-        classes: its class names (`fcmae.data.labelled.check_splits(root)`).
+        root: the labelled folder (train/<class>/, val/<class>/) or shards, already checked.
+        classes: its class names (`fcmae.data.labelled_splits.find_labelled_data`).
         every: epochs between evaluations.
         k, temperature: the weighted kNN's neighbours and vote temperature.
         input_size, crop_pct: images are resized to input_size / crop_pct and centre-cropped.
@@ -235,7 +234,7 @@ class KnnMonitor:
         data_format: in_chans, mean, std, layout of the images (`make_loaders`; default: 3-channel, ImageNet's).
     """
 
-    def __init__(self, root: Path, classes: List[str], every: int, k: int, temperature: float, input_size: int,
+    def __init__(self, root: LabelledData, classes: List[str], every: int, k: int, temperature: float, input_size: int,
                  crop_pct: float, batch_size: int, num_workers: int, device: torch.device, amp: str = "off",
                  rank: int = 0, world_size: int = 1, data_format: Optional[Dict[str, Any]] = None):
         self.root, self.classes, self.every, self.k, self.temperature = root, classes, every, k, temperature
@@ -251,6 +250,7 @@ class KnnMonitor:
         `knn_data_path: demo` (configs/pretrain/schedules/demo.yaml) is the
         labelled demo set at its own size (what `fcmae-knn --demo` reads);
         it applies only to runs on the demo photographs, not to `--data_path`.
+        Labelled shards need an _info.json that names their classes.
         """
 
         path = cfg.knn_data_path
@@ -267,9 +267,9 @@ class KnnMonitor:
                 distributed.barrier()
                 root, input_size, crop_pct = demo_set()
             else:
-                root, input_size, crop_pct = Path(path).expanduser(), cfg.input_size, EVAL_CROP_PCT
+                root, input_size, crop_pct = path, cfg.input_size, EVAL_CROP_PCT  # a shard spec stays text
 
-            classes = check_splits(root, "the kNN monitor of pre-training")
+            root, classes = find_labelled_data(root, "the kNN monitor of pre-training", flag=None)
             if len(classes) < 2:
                 raise DataError(f"{root} has {len(classes)} class; the kNN monitor needs at least 2")
             data_format = dict(in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, layout=cfg.layout)  # resolved
@@ -280,7 +280,8 @@ class KnnMonitor:
             raise UsageError(f"knn_data_path: {e}") from None
 
     def describe(self) -> str:
-        images = [len(loader.dataset) for loader in (self.train_loader, self.val_loader)]
+        images = ["?" if n is None else n for n in (split_size(loader.dataset)
+                                                    for loader in (self.train_loader, self.val_loader))]
         return (f"kNN monitor: {self.root}: {len(self.classes)} classes, {images[0]} train / {images[1]} val "
                 f"images at {self.input_size}x{self.input_size}; k={self.k}, T={self.temperature}, "
                 f"{'every epoch' if self.every == 1 else f'every {self.every} epochs and after the last'}")

@@ -17,6 +17,7 @@ from fcmae.data.folder import MAX_IN_CHANS
 from fcmae.data.gpu_decode import DECODE_MODES
 from fcmae.data.image_io import LAYOUTS
 from fcmae.data.stats import MeanStd, check_mean_std_setting, parse_mean_std
+from fcmae.runtime.batch_fit import BATCH_FIT_MODES, batch_size_given, parse_batch_fit
 from fcmae.runtime.config import Flags, choices, config_root, default_output_dir, layered_settings, read_command_line
 from fcmae.runtime.errors import ConfigError, UsageError
 from fcmae.runtime.settings import TrainConfig, build_config, parse_optional_path, setting
@@ -60,6 +61,7 @@ class PretrainConfig(TrainConfig):
     decoder_depth: int = setting(1)
     norm_pix_loss: bool
     backend: str = setting(choices=BACKENDS)
+    batch_fit: str = setting(choices=BATCH_FIT_MODES, parse=parse_batch_fit)  # auto: fitted to the GPU (batch_fit)
     mask_ratio: float
     demo_data: bool
     demo_crop_size: int = setting(1)
@@ -124,6 +126,8 @@ def resolve_config(argv: Optional[Sequence[str]] = None, doc: str = __doc__) -> 
         raise UsageError(f"unknown schedule {schedule!r}; choose one of: {', '.join(choices(root / 'schedules'))}")
     values = layered_settings([root / "defaults.yaml", root / "sizes" / f"{size}.yaml", schedule_file,
                                *extra_files], overrides)
+    if batch_size_given(overrides, extra_files):
+        values["batch_fit"] = "off"  # the user's per-GPU batch wins over fitting one to the GPU
     values["size"] = check_size(values["size"], "")
     values["schedule"] = str(schedule)
     if not values.get("output_dir"):

@@ -20,6 +20,11 @@ data order and augmentation depend only on (seed, epoch, sample index), and
 the RNG states of every process are saved, so on CPU a resumed run
 reproduces the losses of an uninterrupted one.
 
+Shards: --data_path may name WebDataset tar shards (a folder of .tar files,
+DIR/train-{000000..000099}.tar, pipe:COMMAND); an epoch's length comes from
+their _info.json or --train_num_samples, and a resumed run continues the
+stream where the checkpoint was taken (fcmae.data.shard_stream).
+
 Own data (docs/own-data.md): in_chans, mean/std (null, auto or lists;
 resolved values are printed and stored in config.yaml and the checkpoints,
 and a resumed run reuses them), decode (cpu/gpu/auto) and layout (.npy).
@@ -37,7 +42,7 @@ if __name__ == "__main__":  # first thing: a stop signal during the slow imports
 
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Union
 
 import torch
 
@@ -54,15 +59,19 @@ from fcmae.data.folder import (
     find_image_root,
     list_images,
 )
+from fcmae.data.shard_sets import ShardImages
+from fcmae.data.shards import ShardSpec, epoch_samples, find_shards
 from fcmae.data.stats import saved_mean_std
 from fcmae.eval.knn import KnnMonitor
-from fcmae.model import build_fcmae
+from fcmae.model import FCMAE, build_fcmae
+from fcmae.pretrain.batch_probe import fit_pretrain_batch
 from fcmae.pretrain.config import PretrainConfig
 from fcmae.pretrain.config import resolve_config as _resolve
 from fcmae.pretrain.engine import EpochEnd, PretrainStep
 from fcmae.pretrain.init import InitWeights, apply_init, check_fits, read_init
 from fcmae.pretrain.optim import build_optimizer
 from fcmae.runtime import distributed, resume
+from fcmae.runtime.batch_fit import with_pending_note
 from fcmae.runtime.command import TrainSpec
 from fcmae.runtime.config import dump_config
 from fcmae.runtime.device import grad_scaler, model_compiler, precision_note
@@ -78,11 +87,12 @@ from sparse.masking import PATCH_SIZE, num_kept
 MODEL_KEYS = ("size", "depths", "dims", "decoder_dim", "decoder_depth", "norm_pix_loss", "in_chans")
 # Settings whose change on resume is taken as given besides the runtime's (all others stop; fcmae.runtime.resume):
 # those of both commands, and the picture, the backend (the same computation), bad-image tolerance, the
-# initialisation (used only at the start) and the decoder of the same crops.
-HARMLESS = ("vis_images", "backend", "max_bad_fraction", "init_std", "init", "decode")
+# initialisation (used only at the start), the decoder of the same crops and the per-GPU split of the same
+# effective batch (batch_fit).
+HARMLESS = ("vis_images", "backend", "max_bad_fraction", "init_std", "init", "decode", "batch_fit")
 # The values of the data settings that checkpoints written before they existed were trained with.
 OLD_DEFAULTS = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "decode": "cpu",
-                "layout": "auto", "init": None}
+                "layout": "auto", "init": None, "batch_fit": "off", "shuffle_buffer": 1000}
 
 
 def resolve_config(argv=None) -> PretrainConfig:
@@ -116,19 +126,23 @@ def describe(cfg: PretrainConfig, world_size: int) -> str:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"output directory {cfg.output_dir} is not writable")
     root = data_root(cfg, build=False)
-    num_images = len(list_images(root)) if cfg.data_path else None
+    if isinstance(root, ShardSpec):
+        num_images = shard_samples(cfg, root)
+    else:
+        num_images = len(list_images(root)) if cfg.data_path else None
     if num_images == 0:
         raise UsageError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, in sub-folders "
                          "too)")
-    return format_plan(cfg, make_plan(cfg, world_size, num_images), str(root))
+    plan = with_pending_note(make_plan(cfg, world_size, num_images), cfg.batch_fit, cfg.device, cfg.update_freq)
+    return format_plan(cfg, plan, data_name(root))
 
 
 # ---------------------------------------------------------------- data
-def data_root(cfg: PretrainConfig, build: bool = True) -> Path:
-    """The image folder to train on (building the demo set if it is the demo and `build`)."""
+def data_root(cfg: PretrainConfig, build: bool = True) -> Union[Path, ShardSpec]:
+    """The image folder or the shards to train on (building the demo set if it is the demo and `build`)."""
     if cfg.data_path:
         try:
-            return find_image_root(cfg.data_path)
+            return find_shards(cfg.data_path) or find_image_root(cfg.data_path)
         except DataError as e:
             raise UsageError(str(e)) from None
 
@@ -137,9 +151,27 @@ def data_root(cfg: PretrainConfig, build: bool = True) -> Path:
     return demo_pretrain_folder(crop_size=cfg.demo_crop_size, per_photo=cfg.demo_per_photo) / "train"
 
 
-def build_dataset(cfg: PretrainConfig, root: Path, device: torch.device) -> ImageFolderDataset:
+def data_name(root: Union[Path, ShardSpec]) -> str:
+    return root.describe() if isinstance(root, ShardSpec) else str(root)
+
+
+def shard_samples(cfg: PretrainConfig, spec: ShardSpec) -> int:
+    """The samples an epoch of the shards holds: --train_num_samples, else _info.json's count."""
+    try:
+        return epoch_samples(cfg.train_num_samples, spec, log)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_dataset(cfg: PretrainConfig, root: Union[Path, ShardSpec],
+                  device: torch.device) -> Union[ImageFolderDataset, ShardImages]:
     """The training set: format checked, decoding chosen, mean/std resolved (computed and printed for auto)."""
     try:
+        if isinstance(root, ShardSpec):
+            return ShardImages(root, shard_samples(cfg, root), input_size=cfg.input_size, crop_scale=cfg.crop_scale,
+                               in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, decode=cfg.decode,
+                               layout=cfg.layout, cuda=device.type == "cuda", seed=cfg.seed,
+                               buffer=cfg.shuffle_buffer, logger=log)
         return ImageFolderDataset(root, input_size=cfg.input_size, crop_scale=cfg.crop_scale, seed=cfg.seed,
                                   in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, decode=cfg.decode,
                                   layout=cfg.layout, cuda=device.type == "cuda", logger=log)
@@ -171,6 +203,14 @@ def read_init_weights(cfg: PretrainConfig) -> InitWeights:
 
 
 # ---------------------------------------------------------------- the run
+def build_model(cfg: PretrainConfig) -> FCMAE:
+    """The run's FCMAE model, freshly initialised on CPU (the run and the batch fit's trial step build it alike)."""
+    return build_fcmae(cfg.size, img_size=cfg.input_size, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim,
+                       decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend,
+                       init_std=cfg.init_std, depths=cfg.depths, dims=cfg.dims, in_chans=cfg.in_chans,
+                       drop_path_rate=cfg.drop_path)
+
+
 def train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     """Pre-train on the processes of `info` (the runtime holds the lock and the process group: TrainSpec.run)."""
     device, main = info.device, info.is_main
@@ -203,23 +243,21 @@ def train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     cfg = cfg.replace(mean=dataset.mean, std=dataset.std)  # resolved: saved in config.yaml and the checkpoints
     log(f"data: {len(dataset)} images of {cfg.in_chans} channel(s) of {dataset.dtype}, decode {dataset.decode}; "
         f"normalisation mean {list(cfg.mean)}, std {list(cfg.std)}")
-    plan = make_plan(cfg, info.world_size, len(dataset))
+    # batch_fit auto on CUDA: the largest per-GPU batch that fits the GPU (a measured step of a throwaway model)
+    plan = make_plan(cfg, info.world_size, len(dataset), batch_choice=fit_pretrain_batch(cfg, info, build_model))
     if saved is not None:
         old_plan = resume.check_resume(saved, cfg.to_dict(), plan, resume_from, SPEC.harmless_on_resume,
                                        cfg.allow_config_change)
     knn_monitor = KnnMonitor.from_config(cfg, info)  # its folder is checked before anything is written
     if main:
-        print(format_plan(cfg, plan, str(root)), flush=True)
+        print(format_plan(cfg, plan, data_name(root)), flush=True)
         dump_config({**cfg.to_dict(), "plan": plan.to_dict()}, out / "config.yaml")
     if knn_monitor is not None:
         log(knn_monitor.describe())
 
     # Seeds: the mask and drop path differ per process; augmentation depends on (seed, epoch, index).
     seed_everything(cfg.seed + info.rank)
-    model = build_fcmae(cfg.size, img_size=cfg.input_size, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim,
-                        decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss, backend=cfg.backend,
-                        init_std=cfg.init_std, depths=cfg.depths, dims=cfg.dims, in_chans=cfg.in_chans,
-                        drop_path_rate=cfg.drop_path)
+    model = build_model(cfg)
     if init is not None:
         for line in apply_init(model, init):
             log(line)
@@ -227,9 +265,13 @@ def train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
     model.to(device)
     optimizer = build_optimizer(model, plan.lr, cfg.weight_decay, cfg.betas, cfg.decay_grn_and_mask_token)
     bad_images = BadImageTracker(len(dataset), cfg.max_bad_fraction, logger=lambda m: log(m, main_only=False))
+    stream = dataset if isinstance(dataset, ShardImages) else None  # its position goes in every checkpoint
     trainer = Trainer(model, optimizer, PretrainStep(dataset, device), LoopSettings.of(cfg, plan), info, out,
                       cfg.log_dir, {**cfg.to_dict(), "plan": plan.to_dict()}, scaler=grad_scaler(device, cfg.amp),
-                      compile_fn=compile_fn, bad_inputs=bad_images)
+                      compile_fn=compile_fn, bad_inputs=bad_images,
+                      extra_state=(lambda: {"stream": stream.positions(trainer.state.epoch, trainer.state.iteration)})
+                      if stream is not None else None)
+    saved_stream = saved.get("stream") if saved is not None else None
     if saved is not None:
         trainer.restore(saved, resume_from, cfg.seed)
         resume.align_state(trainer.state, old_plan, plan)
@@ -243,6 +285,8 @@ def train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         log(precision_note(device, cfg.amp))
 
     loader = train_loader(dataset, plan, cfg.num_workers, cfg.seed, info, collate_fn=collate_images)
+    if stream is not None and stream.resume_note(saved_stream):
+        log(stream.resume_note(saved_stream))
     log(f"training: {len(dataset)} images, {plan.iters_per_epoch} iterations/epoch, output in {out}"
         + (f"; torch.compile ({cfg.compile_backend}): the first steps compile" if compile_fn else ""))
     try:

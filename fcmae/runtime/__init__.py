@@ -5,6 +5,7 @@
     config      YAML layers, command-line overrides, the reference release's flag forms
     settings    typed, frozen run configs: TrainConfig, setting(), build_config()
     plan        Plan, make_plan(): per-GPU batch, accumulation, effective batch, lr, steps; the lr schedule
+    batch_fit   batch_fit auto: the largest per-GPU batch that fits the GPU (a measured memory line, a trial)
     resume      which checkpoint to resume, whether it fits, which changed settings stop a resume
     checkpoint  save/load (weights_only), keep-newest-N, auto-resume, RNG state
     files       write_atomic: the one atomic file write; full disks; temporaries of killed writes

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
@@ -244,8 +244,16 @@ def named_config(name: str, folder: PathLike) -> Path:
 # ---------------------------------------------------------------- default output folders
 def data_set_name(data_path: PathLike) -> str:
     """A name for the data set at `data_path`, for folder names: its folder's name (for `.../train`, the one
-    above), with characters other than letters, digits, `.`, `-` and `_` replaced by `_`."""
-    path = Path(_absolute(data_path))
+    above; for tar shards, `DIR/train-{000000..000099}.tar` or `pipe:... URL/train-....tar ...`, the folder
+    holding them), with characters other than letters, digits, `.`, `-` and `_` replaced by `_`."""
+    text = str(data_path)
+    if text.startswith("pipe:"):
+        text = next((word for word in reversed(text.split()) if ".tar" in word), "shards")
+        path = PurePosixPath(text.split("://", 1)[-1])
+    else:
+        path = Path(_absolute(data_path))
+    if ".tar" in path.name and path.parent.name:
+        path = path.parent
     if path.name == "train" and path.parent.name:
         path = path.parent
     return re.sub(r"[^A-Za-z0-9._-]", "_", path.name) or "data"

@@ -13,7 +13,12 @@ launch/gpu_check.sh, measures compiled against eager):
 - `cudnn.benchmark`: cuDNN picks the fastest convolution algorithm per
   shape on first use; the shapes of a training run are fixed (fixed batch,
   image size and kept-patch count), so it pays once.
-- `torch.compile` on by default (`compile: auto`).
+- `torch.compile` on by default (`compile: auto`), of the whole model or,
+  with `compile_mode: regional`, of each ConvNeXt block (one graph per
+  stage, a fraction of the compile time; `compile_regions`), or the whole
+  model in CUDA graphs (`compile_mode: cudagraphs`, CUDA only; never run on
+  a GPU yet, nor has regional). Inductor's cache lives in the output folder
+  (`compile_cache_dir`), so a resumed or requeued run compiles faster.
 On CPU all of this is off: `configure_device` changes nothing and
 `compile: auto` means eager (with inductor, the first step of a tiny model
 had not finished after 5 minutes on a 2-core machine).
@@ -34,14 +39,22 @@ functions, finetune.engine's evaluation).
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
+from timm.models.convnext import ConvNeXtBlock
+from torch.utils._pytree import tree_map
 
 from fcmae.runtime import distributed
 from fcmae.runtime.errors import ConfigError
+
+# How `compile_model` compiles: the whole model, its repeated blocks (regional), or the whole model in CUDA graphs.
+COMPILE_MODES = ("whole", "regional", "cudagraphs")
+REGIONAL_RECOMPILE_LIMIT = 64
 
 
 def configure_device(device: torch.device, tf32: bool = True) -> None:
@@ -83,29 +96,95 @@ def check_compile_backend(backend: str) -> None:
         raise ConfigError(f"compile_backend {backend!r} is not a torch.compile backend; known: {', '.join(known)}")
 
 
-def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
-    """`torch.compile(model)`; the returned module shares `model`'s parameters.
+def check_compile_mode(mode: str, device: torch.device, backend: str = "inductor") -> None:
+    """A ConfigError unless `mode` is one of COMPILE_MODES and can run on `device` with `backend`."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode {mode!r} is not one of: {', '.join(COMPILE_MODES)}")
+    if mode == "cudagraphs" and device.type != "cuda":
+        raise ConfigError(f"compile_mode cudagraphs captures CUDA graphs and needs a CUDA device, not "
+                          f"{device.type}; use whole or regional there")
+    if mode == "cudagraphs" and backend != "inductor":
+        raise ConfigError(f"compile_mode cudagraphs is inductor's reduce-overhead mode; compile_backend must be "
+                          f"inductor, not {backend}")
 
-    Save `model.state_dict()` (the compiled module's names carry a `_orig_mod.` prefix).
+
+def compile_model(model: nn.Module, backend: str = "inductor", mode: str = "whole") -> nn.Module:
+    """The module a training loop runs, compiled by `mode` (COMPILE_MODES); it shares `model`'s parameters.
+
+    Save `model.state_dict()` (the names of a whole-model compile carry an `_orig_mod.` prefix).
 
     Args:
         backend: a torch.compile backend (inductor; aot_eager compiles the graph without generating code).
+            cudagraphs needs inductor.
+        mode: whole: one graph of the whole forward (and its backward). regional: `model` itself is
+            returned with its repeated blocks compiled in place (`compile_regions`). cudagraphs: the whole
+            model with inductor's reduce-overhead mode (CUDA graphs), CUDA only (`CudaGraphModel`).
     """
     check_compile_backend(backend)
+    check_compile_mode(mode, next(model.parameters()).device, backend)
+    if mode == "regional":
+        return compile_regions(model, backend)
+    if mode == "cudagraphs":
+        return CudaGraphModel(torch.compile(model, backend=backend, mode="reduce-overhead", dynamic=False))
     # Static shapes: a new batch size (an epoch's last partial batch) compiles once more; dynamo's automatic
     # dynamic shapes would trace symbolic sizes, which the random mask's torch.rand cannot take.
     return torch.compile(model, backend=backend, dynamic=False)
 
 
-def model_compiler(cfg, device: torch.device) -> Optional[Callable[[nn.Module], nn.Module]]:
-    """What `Trainer(compile_fn=...)` gets for a TrainConfig's `compile`/`compile_backend`: None for eager.
+def is_region(module: nn.Module) -> bool:
+    """Whether `compile_regions` compiles `module`: timm's ConvNeXt block, or a class marked `compile_region`
+    (the sparse encoder's block, sparse.encoder.Block)."""
+    return isinstance(module, ConvNeXtBlock) or getattr(type(module), "compile_region", False)
 
-    The backend is checked here, before any data is read or model built.
+
+def compile_regions(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile every ConvNeXt block of `model` in place (`nn.Module.compile`); the rest stays eager.
+
+    Blocks of one stage have the same shapes, so the first block's graph
+    serves them all: dynamo compiles one graph per stage (and per decoder
+    width), where a whole-model compile traces and optimises every block.
+    Each block compiles with fullgraph=True (a graph break is an error).
+    Blocks share one code object for dynamo's recompile limit, so the limit
+    is raised to at least REGIONAL_RECOMPILE_LIMIT; blocks whose drop-path
+    rates differ (drop_path > 0) compile one graph each. Every forward of the
+    model, evaluation included, then runs the compiled blocks.
+    """
+    blocks = [m for m in model.modules() if is_region(m)]
+    if not blocks:
+        raise ConfigError(f"compile_mode regional: {type(model).__name__} has no ConvNeXt blocks to compile")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGIONAL_RECOMPILE_LIMIT)
+    for block in blocks:
+        block.compile(backend=backend, dynamic=False, fullgraph=True)
+    return model
+
+
+class CudaGraphModel(nn.Module):
+    """A model compiled with mode="reduce-overhead", each call a new CUDA-graph step; tensor outputs are copies.
+
+    CUDA-graph trees overwrite a graph's outputs at its next replay; the
+    training loop keeps a micro-batch's loss until the optimizer step, so
+    outputs are cloned. Never run on a GPU yet.
+    """
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tree_map(lambda o: o.clone() if torch.is_tensor(o) else o, self.compiled(*args, **kwargs))
+
+
+def model_compiler(cfg, device: torch.device) -> Optional[Callable[[nn.Module], nn.Module]]:
+    """What `Trainer(compile_fn=...)` gets for a TrainConfig's `compile`, `compile_backend`, `compile_mode`.
+
+    None for eager. The backend and mode are checked here, before any data is read or model built.
     """
     if not use_compile(cfg.compile, device):
         return None
     check_compile_backend(cfg.compile_backend)
-    return lambda model: compile_model(model, cfg.compile_backend)
+    check_compile_mode(cfg.compile_mode, device, cfg.compile_backend)
+    return lambda model: compile_model(model, cfg.compile_backend, cfg.compile_mode)
 
 
 # ---------------------------------------------------------------- precision
@@ -140,11 +219,35 @@ def run_process(cfg) -> Iterator[distributed.DistInfo]:
     """
     info = distributed.init_distributed(cfg.device)
     threads = torch.get_num_threads()
+    cache = compile_cache_dir(cfg, info.device)
     try:
         configure_device(info.device, cfg.tf32)
         if info.device.type == "cpu" and cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
+        if cache is not None:
+            os.environ[CACHE_VARIABLE] = str(cache)
         yield info
     finally:
         torch.set_num_threads(threads)  # matters when called in-process (tests, notebooks)
+        if cache is not None:
+            os.environ.pop(CACHE_VARIABLE, None)
         distributed.cleanup()
+
+
+CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_dir(cfg, device: torch.device) -> Optional[Path]:
+    """OUTPUT_DIR/compile_cache when the run compiles with inductor and TORCHINDUCTOR_CACHE_DIR is unset; else None.
+
+    Inductor keeps its compiled graphs and kernels there, keyed by graph,
+    shapes, device and torch version, so a resumed or requeued run of the
+    same output folder, on any node, loads them instead of generating and
+    building them again; dynamo and AOTAutograd still trace the model (AOTAutograd's
+    own cache skips graphs with custom autograd Functions, such as the depthwise
+    conv's). On the 2-core CPU the first step of atto took 141 s cold and 21 s
+    warm (BENCHMARKS.md). Set TORCHINDUCTOR_CACHE_DIR to share one cache between runs.
+    """
+    if CACHE_VARIABLE in os.environ or not use_compile(cfg.compile, device) or cfg.compile_backend != "inductor":
+        return None
+    return Path(cfg.output_dir).expanduser().absolute() / "compile_cache"

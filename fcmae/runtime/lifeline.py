@@ -17,7 +17,11 @@ that is started:
   interactive shell must not kill a run started with nohup;
 - each loader worker ends with its rank (`loader_worker_init`, the loaders'
   worker_init_fn; it also ignores the stop signals, see
-  fcmae.runtime.signals.ignore_stop_signals).
+  fcmae.runtime.signals.ignore_stop_signals). Because workers ignore
+  SIGTERM, which is how Python's multiprocessing ends its daemonic children
+  at exit, a process that exits while a loader's iterator is still alive
+  (an error raised out of the loop keeps it referenced) would wait for them
+  forever: `end_loader_workers_at_exit` kills them first.
 
 The signal goes when the parent *thread* that started the process ends; the
 launcher, torchrun and the ranks start their children from their main
@@ -27,7 +31,9 @@ nothing heavy (the commands call it before importing torch).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -38,6 +44,7 @@ from fcmae.runtime.signals import ignore_stop_signals
 PARENT_VARIABLE = "FCMAE_PARENT_PID"  # the pid a started training process ends with
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
+_EXIT_HOOK_SET = False
 
 
 def _prctl(option: int, value: int) -> int:
@@ -90,3 +97,21 @@ def loader_worker_init(worker_id: int = 0) -> None:
     """A DataLoader worker's set-up (its `worker_init_fn`): ignore the stop signals, end with the training process."""
     ignore_stop_signals(worker_id)
     die_with_parent()
+
+
+def _kill_daemonic_children() -> None:
+    workers = [child for child in multiprocessing.active_children() if child.daemon]  # torch starts them daemonic
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as a worker failure
+        for child in workers:
+            child.kill()
+            child.join(timeout=10)
+
+
+def end_loader_workers_at_exit() -> None:
+    """In a process that starts loaders: at its exit, SIGKILL the loader workers still running (see the module
+    docstring). Runs before multiprocessing's own exit handler, which would wait for them."""
+    global _EXIT_HOOK_SET
+    if not _EXIT_HOOK_SET:
+        atexit.register(_kill_daemonic_children)  # atexit runs last-registered first
+        _EXIT_HOOK_SET = True

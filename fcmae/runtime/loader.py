@@ -1,7 +1,8 @@
 """The training loader of a run and the process's seeds, shared by both commands.
 
 `train_loader` gives each process its shard of the training set in an order
-that resumes mid-epoch (ResumableDistributedSampler), with loader
+that resumes mid-epoch (ResumableDistributedSampler; a stream of WebDataset
+shards splits itself, fcmae.data.shard_stream), with loader
 workers that ignore stop signals (only the main process decides when a run
 stops: fcmae.runtime.signals) and end with it (fcmae.runtime.lifeline).
 `usable_workers` caps every loader's workers (the evaluation loaders' too)
@@ -16,10 +17,10 @@ from typing import Optional, Set, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from fcmae.runtime import distributed
-from fcmae.runtime.lifeline import loader_worker_init
+from fcmae.runtime.lifeline import end_loader_workers_at_exit, loader_worker_init
 from fcmae.runtime.logs import log
 from fcmae.runtime.plan import Plan
 
@@ -74,7 +75,10 @@ _CAPS_NOTED: Set[Tuple[int, int]] = set()  # (asked, used): each cap is noted on
 
 def usable_workers(requested: int) -> int:
     """`requested` loader workers, at most `available_cpus()` (torch warns about more in every run), with a
-    one-line note the first time a request is capped."""
+    one-line note the first time a request is capped. Every loader asks here, so this also makes sure workers
+    left running end with the process (fcmae.runtime.lifeline.end_loader_workers_at_exit)."""
+    if requested > 0:
+        end_loader_workers_at_exit()
     cpus = available_cpus()
     if requested <= cpus:
         return requested
@@ -98,12 +102,29 @@ def train_loader(dataset, plan: Plan, num_workers: int, seed: int, info: distrib
 
     Each epoch is the plan's: whole batches, or with `plan.keep_last` the last, partial batch too.
     """
+    workers = usable_workers(num_workers)
+    generator = torch.Generator().manual_seed(seed + info.rank)
+    pin = info.device.type == "cuda"
+    if isinstance(dataset, IterableDataset):  # shards: the stream splits itself (fcmae.data.shard_stream)
+        workers = dataset.split_epochs(plan.batch_size, plan.images_per_epoch // info.world_size, info.rank,
+                                       info.world_size, workers, logger=log)
+        return DataLoader(dataset, batch_size=plan.batch_size, num_workers=workers, pin_memory=pin, drop_last=False,
+                          collate_fn=collate_fn, generator=generator, worker_init_fn=loader_worker_init)
     sampler = ResumableDistributedSampler(dataset, plan.batch_size, num_replicas=info.world_size, rank=info.rank,
                                           shuffle=True, seed=seed, keep_last=plan.keep_last)
     sampler.max_samples = plan.images_per_epoch // info.world_size
     # Its own generator keeps the global RNG untouched by the loader; seeded per rank, so that the
     # workers' RNGs differ between ranks and restarts do not depend on torch's default seed.
-    return DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=usable_workers(num_workers),
-                      pin_memory=info.device.type == "cuda", drop_last=not plan.keep_last, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed + info.rank),
+    return DataLoader(dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                      drop_last=not plan.keep_last, collate_fn=collate_fn, generator=generator,
                       worker_init_fn=loader_worker_init)  # the main process alone decides when to stop
+
+
+def start_epoch(loader: DataLoader, epoch: int, start_batch: int) -> None:
+    """Point a `train_loader` at `epoch`, from batch `start_batch` (after a mid-epoch resume); set before the
+    epoch's iterator starts."""
+    if isinstance(loader.dataset, IterableDataset):
+        loader.dataset.set_epoch(epoch, start_batch)
+    else:
+        loader.sampler.set_epoch(epoch, start_batch=start_batch)
+        loader.dataset.set_epoch(epoch)

@@ -15,6 +15,11 @@ on any number of processes. With `update_freq: auto` (the default):
   effective batch), the plan stops with an error naming the settings to
   change.
 
+On CUDA with `batch_fit: auto` the caller measures the device first and
+passes a `BatchChoice` (fcmae.runtime.batch_fit): its batch, which divides
+effective_batch / world_size, replaces batch_size above, so the accumulation
+falls and the effective batch and the lr stay the recipe's; its note says why.
+
 An explicit `update_freq` is taken as given; the plan then says when the
 effective batch differs from the target. The lr is blr x effective batch /
 256 unless `lr` is set.
@@ -69,6 +74,14 @@ class Plan:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class BatchChoice:
+    """The per-GPU batch chosen for the device (fcmae.runtime.batch_fit), and the plan's note on why."""
+
+    batch: int
+    note: str
+
+
 def fit_batch(batch_size: int, world_size: int, target: int) -> Tuple[int, int]:
     """(per-GPU batch, update_freq) with product x world_size == target, the batch as large as allowed.
 
@@ -88,7 +101,7 @@ def fit_batch(batch_size: int, world_size: int, target: int) -> Tuple[int, int]:
 
 
 def make_plan(cfg, world_size: int, num_images: Optional[int] = None, keep_last: bool = False,
-              even_batches: bool = False) -> Plan:
+              even_batches: bool = False, batch_choice: Optional[BatchChoice] = None) -> Plan:
     """The plan for `world_size` processes (and the data set's size, when known).
 
     Args:
@@ -97,12 +110,16 @@ def make_plan(cfg, world_size: int, num_images: Optional[int] = None, keep_last:
         num_images: the training set's size; None when it is not known (the built-in demo's dry run).
         keep_last: train on each epoch's last, partial batch too (only without gradient accumulation).
         even_batches: every batch must hold an even number of images (Mixup/CutMix).
+        batch_choice: the per-GPU batch measured to fit the device (with update_freq auto), in place of batch_size.
     """
     notes: List[str] = []
     target = cfg.effective_batch
     if cfg.update_freq is None:
-        batch, update_freq = fit_batch(cfg.batch_size, world_size, target)
-        if batch != cfg.batch_size:
+        batch, update_freq = fit_batch(cfg.batch_size if batch_choice is None else batch_choice.batch, world_size,
+                                       target)
+        if batch_choice is not None:
+            notes.append(batch_choice.note)
+        elif batch != cfg.batch_size:
             notes.append(f"per-GPU batch lowered from batch_size {cfg.batch_size} to {batch}, so that {batch} x "
                          f"{world_size} processes x {update_freq} = effective batch {target}")
         if num_images is not None and num_images < target:

@@ -62,8 +62,8 @@ class RunState:
 # the device computes (torch.compile, TF32; fcmae.runtime.device), restarts and the hang watchdog.
 HARMLESS = ("output_dir", "log_dir", "resume", "dry_run", "world_size", "exit_after_steps", "num_workers",
             "print_every", "save_every", "keep_checkpoints", "device", "amp", "data_path", "cpu_threads",
-            "allow_config_change", "compile", "compile_backend", "tf32", "save_minutes", "max_restarts",
-            "hang_minutes")
+            "allow_config_change", "compile", "compile_backend", "compile_mode", "tf32", "save_minutes",
+            "max_restarts", "hang_minutes")
 
 
 def _plain(value: Any) -> Any:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
 from fcmae.runtime.config import parse_value, unknown_key_error
+from fcmae.runtime.device import COMPILE_MODES
 from fcmae.runtime.errors import ConfigError
 
 AMP_MODES = ("bf16", "fp16", "off")
@@ -156,6 +157,8 @@ class TrainConfig:
     drop_path: float = setting(0.0, 1.0, high_open=True)
     input_size: int = setting(1)
     data_path: Optional[str] = setting(parse=parse_optional_path)
+    train_num_samples: Optional[int] = setting(1)  # samples in the training shards, when no _info.json gives them
+    shuffle_buffer: int = setting(1)  # shards: the samples shuffled together (fcmae.data.shard_stream)
     num_workers: int = setting(0)
     epochs: int = setting(1)
     warmup_epochs: int = setting(0)
@@ -173,6 +176,7 @@ class TrainConfig:
     # GPU
     compile: Optional[bool] = setting(parse=parse_auto)  # None = auto: on CUDA only (fcmae.runtime.device)
     compile_backend: str
+    compile_mode: str = setting(choices=COMPILE_MODES)  # whole | regional | cudagraphs (fcmae.runtime.device)
     tf32: bool
     seed: int
     output_dir: str

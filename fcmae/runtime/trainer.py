@@ -49,6 +49,7 @@ from fcmae.runtime import distributed
 from fcmae.runtime.device import autocast_context
 from fcmae.runtime.errors import CheckpointError, NonFiniteLossError
 from fcmae.runtime.launch import slurm
+from fcmae.runtime.loader import start_epoch
 from fcmae.runtime.logs import JsonlLogger, ProgressMeter, TensorBoard, log
 from fcmae.runtime.plan import LoopSettings, cosine_lr, set_lr
 from fcmae.runtime.resume import RunState
@@ -217,8 +218,7 @@ class Trainer:
         try:
             while self.state.epoch < s.epochs:
                 started, first_iteration = time.perf_counter(), self.state.iteration
-                loader.sampler.set_epoch(self.state.epoch, start_batch=self.state.iteration)
-                loader.dataset.set_epoch(self.state.epoch)
+                start_epoch(loader, self.state.epoch, self.state.iteration)
                 if not self.train_one_epoch(loader, progress):
                     self._stop_and_save()
                     return False

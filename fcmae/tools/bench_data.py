@@ -8,6 +8,10 @@ alternating short rounds so that a shared machine's load hits both alike:
 
 - `fcmae-cpu`: fcmae.data.folder.ImageFolderDataset (crop box drawn from the header,
   reduced-size JPEG decoding, crop + bicubic resize, flip, normalise).
+- with `--shards SPEC` (the same images as WebDataset shards, e.g. made by
+  `fcmae-make-shards D OUT`): `fcmae-shards`, the same augmentation on the
+  shard stream (fcmae.data.shard_sets.ShardImages: tar reading, the sample
+  shuffle, decoding), as one loader worker runs it.
 - `torchvision`: ImageFolder + RandomResizedCrop(S, (0.2, 1), bicubic) +
   RandomHorizontalFlip + ToTensor + Normalize (the baseline).
 - with `--device cuda`: `fcmae-gpu-worker` (what a loader worker does with
@@ -37,6 +41,8 @@ from fcmae.data.folder import (
     collate_images,
     find_image_root,
 )
+from fcmae.data.shard_sets import ShardImages
+from fcmae.data.shards import find_shards
 from fcmae.runtime.command import run_cli
 
 
@@ -85,9 +91,33 @@ def measure(pipelines: List[Callable[[int], int]], seconds: float, round_s: floa
     return [d / s for d, s in zip(done, spent)]
 
 
+def shard_pipeline(spec_text: str, input_size: int) -> Callable[[int], int]:
+    """fn(i) -> 1: the next sample of a ShardImages stream read in this process, epoch after epoch."""
+    spec = find_shards(spec_text)
+    if spec is None or spec.num_samples is None:
+        raise DataError(f"--shards {spec_text}: no shards with an _info.json there (make them with fcmae-make-shards)")
+    stream = ShardImages(spec, spec.num_samples, input_size=input_size, seed=0, logger=lambda m: None)
+    stream.split_epochs(1, spec.num_samples, 0, 1, 0, logger=lambda m: None)
+    state = {"epoch": 0, "items": iter(())}
+
+    def next_sample(i: int) -> int:
+        for _ in range(2):
+            try:
+                next(state["items"])
+                return 1
+            except StopIteration:
+                stream.set_epoch(state["epoch"])
+                state["epoch"] += 1
+                state["items"] = iter(stream)
+        raise DataError(f"--shards {spec_text} gave no sample")
+
+    return next_sample
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m fcmae.tools.bench_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--data_path", help="image folder (class sub-folders, or with train/ inside)")
+    p.add_argument("--shards", help="the same images as WebDataset shards (fcmae-make-shards): adds fcmae-shards")
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--seconds", type=float, default=20.0, help="measuring time per pipeline")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: measure the GPU path too")
@@ -122,6 +152,9 @@ def _bench(args) -> int:
     n = len(ours)
     names = ["fcmae-cpu", "torchvision"]
     pipelines = [lambda i: (ours[i % n], 1)[1], lambda i: (base[i % n], 1)[1]]
+    if args.shards:
+        names.append("fcmae-shards")
+        pipelines.append(shard_pipeline(args.shards, args.input_size))
     if args.device == "cuda":
         gpu = ImageFolderDataset(root, input_size=args.input_size, seed=0, decode="gpu")
         batches = [collate_images([gpu[j % n] for j in range(k, k + args.batch_size)])[0]

@@ -5,9 +5,11 @@
 
 Prints one `name: value` line each for the project, Python, torch (with the
 CUDA and cuDNN it was built with), torchvision and timm; whether the optional
-packages (MinkowskiEngine, DALI, transformers, safetensors, tifffile) are
-present, with their versions; and every visible GPU (name, memory, compute
-capability, bf16 support).
+packages (MinkowskiEngine, DALI, transformers, safetensors, tifffile,
+TorchCodec) are present, with their versions; the library that decodes 16-bit
+PNGs and GPU JPEG batches (`image decoder`: TorchCodec, or the deprecated
+torchvision decoders, see fcmae.data.decoders); and every visible GPU (name,
+memory, compute capability, bf16 support).
 
 Optional packages are looked up without being imported
 (`importlib.util.find_spec` for presence, `importlib.metadata` for the
@@ -27,13 +29,15 @@ Line = Tuple[str, str]
 
 # (label, importable module, distribution name; a trailing "*" matches any
 # distribution whose name starts with the rest, e.g. nvidia-dali-cuda120).
-REQUIRED = (("torchvision", "torchvision", "torchvision"), ("timm", "timm", "timm"))
+REQUIRED = (("torchvision", "torchvision", "torchvision"), ("timm", "timm", "timm"),
+            ("webdataset", "webdataset", "webdataset"))
 OPTIONAL = (
     ("MinkowskiEngine", "MinkowskiEngine", "MinkowskiEngine"),
     ("DALI", "nvidia.dali", "nvidia-dali*"),
     ("transformers", "transformers", "transformers"),
     ("safetensors", "safetensors", "safetensors"),
     ("tifffile", "tifffile", "tifffile"),
+    ("TorchCodec", "torchcodec", "torchcodec"),
 )
 
 
@@ -138,6 +142,15 @@ def gpu_lines(torch) -> List[Line]:
         return [("GPUs", _error(exc))]
 
 
+def decoder_line() -> Line:
+    """The library fcmae.data.decoders decodes 16-bit PNGs and GPU JPEG batches with, and its version."""
+    try:
+        from fcmae.data import decoders  # imports torch and TorchCodec: a broken one must still give a report
+    except Exception as exc:
+        return "image decoder", _error(exc)
+    return "image decoder", decoders.decoder_description()
+
+
 def collect() -> List[Line]:
     """Every line of the report, in order."""
     lines = [project_line(), ("Python", f"{platform.python_version()} ({sys.executable})"),
@@ -145,7 +158,7 @@ def collect() -> List[Line]:
     lines += torch_lines()
     lines += [package_line(*entry) for entry in REQUIRED]
     lines += [package_line(*entry) for entry in OPTIONAL]
-    return lines
+    return lines + [decoder_line()]
 
 
 def format_report(lines: Sequence[Line]) -> str:

@@ -1,6 +1,6 @@
-"""Timed rows of the GPU check: the encoder and the full pre-training step, per backend, eager and compiled.
+"""Timed rows of the GPU check: the encoder and the full pre-training step, per backend and compile mode.
 
-One row = one (size, batch, backend, compiled, what) case:
+One row = one (size, batch, backend, mode, what) case:
 
 - what="encoder": the encoder's forward + backward of a scalar of its output
   (the training cost of the encoder alone; the masked backends get a 60% mask).
@@ -16,8 +16,16 @@ to zero): the same task and head, so the rows differ only in how the encoder
 computes. It counts the FLOPs of every site, since it computes them all; the
 sparse backends are credited only with the visible sites' FLOPs.
 
-Timing: `warmup` untimed steps (they include compilation), then the median
-of `iters` steps, each timed with CUDA events (CPU: wall clock). Peak memory
+Modes (MODES): eager; compiled (the whole model, one graph); regional (each
+ConvNeXt block compiled on its own, one graph per stage); cudagraphs (the
+whole model in CUDA graphs, inductor's reduce-overhead; CUDA only). The
+compiled modes are `fcmae.runtime.device.compile_model`'s whole, regional and
+cudagraphs, as the training commands compile.
+
+Timing: `warmup` untimed steps (they include compilation; `compile_s` is
+their time, from the first call to the first timed step, null for eager),
+then the median of `iters` steps, each timed with CUDA events (CPU: wall
+clock). An out-of-memory error is recorded in the row (`oom`: true). Peak memory
 is torch.cuda.max_memory_allocated over the timed steps (CPU: None). MFU is
 the analytic FLOPs (fcmae.tools.flops) / time / the device's peak dense bf16 rate.
 The caller sets the device's training defaults first
@@ -31,7 +39,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,6 +53,8 @@ from sparse import build_encoder
 from sparse.masking import PATCH_SIZE, num_kept, random_mask, upsample_mask
 
 MASK_RATIO = 0.6
+MODES = ("eager", "compiled", "regional", "cudagraphs")
+COMPILE_MODE = {"compiled": "whole", "regional": "regional", "cudagraphs": "cudagraphs"}  # -> compile_model's
 DECODER_DIM, DECODER_DEPTH = 512, 1
 
 # Dense bf16 tensor-core peak (no sparsity), from the vendors' data sheets.
@@ -147,12 +157,16 @@ def row_flops(arch: Arch, backend: str, what: str) -> int:
     return step_flops(arch.depths, arch.dims, arch.batch, num_patches, kept, arch.decoder_dim, decoder_depth)
 
 
-def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> List[float]:
-    """Milliseconds of each of `iters` steps after `warmup` untimed ones."""
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int,
+               iters: int) -> Tuple[float, List[float]]:
+    """(seconds of the `warmup` untimed steps, milliseconds of each of the `iters` steps after them)."""
+    begin = time.perf_counter()
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - begin
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         for start, end in events:
@@ -160,20 +174,27 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iter
             step()
             end.record()
         torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) for start, end in events]
+        return warmup_s, [start.elapsed_time(end) for start, end in events]
     times = []
     for _ in range(iters):
         begin = time.perf_counter()
         step()
         times.append((time.perf_counter() - begin) * 1000)
-    return times
+    return warmup_s, times
 
 
-def bench_row(arch: Arch, backend: str, what: str, compiled: bool, device: torch.device, warmup: int, iters: int,
+def bench_row(arch: Arch, backend: str, what: str, mode: str, device: torch.device, warmup: int, iters: int,
               compile_backend: str = "inductor") -> Dict:
-    """One row of the bench table; an error (compile failure, OOM) is recorded in the row, not raised."""
-    row = {"size": arch.name, "batch": arch.batch, "backend": backend, "compiled": compiled, "what": what,
-           "ms": None, "img_s": None, "peak_mib": None, "mfu": None}
+    """One row of the bench table; an error (compile failure, OOM) is recorded in the row, not raised.
+
+    Args:
+        mode: one of MODES.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    compiled = mode != "eager"
+    row = {"size": arch.name, "batch": arch.batch, "backend": backend, "mode": mode, "what": what,
+           "ms": None, "img_s": None, "peak_mib": None, "mfu": None, "compile_s": None}
     model = None
     try:
         torch.manual_seed(0)
@@ -181,7 +202,7 @@ def bench_row(arch: Arch, backend: str, what: str, compiled: bool, device: torch
         runner = model
         if compiled:
             torch._dynamo.reset()
-            runner = compile_model(model, compile_backend)  # as the training commands compile
+            runner = compile_model(model, compile_backend, COMPILE_MODE[mode])  # as the training commands compile
         imgs = torch.randn(arch.batch, 3, arch.img_size, arch.img_size, device=device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -190,10 +211,12 @@ def bench_row(arch: Arch, backend: str, what: str, compiled: bool, device: torch
                 step(runner, imgs)
 
         begin = time.perf_counter()
-        ms = statistics.median(time_steps(one_step, device, warmup, iters))
-        print(f"  ({arch.name} {what} {backend}{' compiled' if compiled else ''}: "
-              f"{time.perf_counter() - begin:.0f} s with warm-up and compilation)", flush=True)
-        row.update(ms=round(ms, 3), img_s=round(arch.batch / ms * 1000, 1))
+        warmup_s, times = time_steps(one_step, device, warmup, iters)
+        ms = statistics.median(times)
+        print(f"  ({arch.name} {what} {backend} {mode}: {time.perf_counter() - begin:.0f} s with warm-up and "
+              "compilation)", flush=True)
+        row.update(ms=round(ms, 3), img_s=round(arch.batch / ms * 1000, 1),
+                   compile_s=round(warmup_s, 2) if compiled else None)
         if device.type == "cuda":
             row["peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         peak = peak_bf16_flops(device)
@@ -201,6 +224,8 @@ def bench_row(arch: Arch, backend: str, what: str, compiled: bool, device: torch
             row["mfu"] = round(row_flops(arch, backend, what) / (ms / 1000) / peak, 4)
     except Exception as e:  # noqa: BLE001 - a failing row must not stop the others
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        if isinstance(e, torch.OutOfMemoryError):
+            row["oom"] = True
         traceback.print_exc(limit=3)
     finally:
         del model

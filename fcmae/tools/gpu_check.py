@@ -1,22 +1,23 @@
 """One command for a machine with a GPU: the CUDA tests, the benchmark table and a short pre-training run.
 
-    bash launch/gpu_check.sh                              # everything, on the GPU (output/gpu_check)
-    bash launch/gpu_check.sh --sizes base --parts bench   # one part, one size
+    bash launch/gpu_check.sh --preset speed                 # the prepared GPU command: 7 minutes, rows by value
+    bash launch/gpu_check.sh                                # the grid: tests, bench, pretrain (output/gpu_check)
+    bash launch/gpu_check.sh --sizes base --parts bench     # one part, one size
     bash launch/gpu_check.sh --device cpu --quick --out /tmp/check   # the same script on tiny configs (CI)
 
-Parts (--parts, run in the order given; default tests,bench,pretrain; data
-and dwconv on request):
+Parts (--parts, run in the order given; default tests,bench,pretrain, with
+--preset speed bench,pretrain; data and dwconv on request):
 - tests: pytest on the tests marked `cuda` (they skip on CPU); counts of
   passed, failed and skipped tests.
-- bench: the encoder and the full pre-training step of each size and
-  backend, eager and compiled, bf16 autocast (fcmae.tools.gpu_bench).
-- pretrain: `launch/pretrain.sh` on synthetic images written to a temporary
-  image folder (300 steps of base at 224 by default), through the real
-  loader; images/s and the final loss from the run's log.jsonl (kept as
-  OUT/pretrain_log.jsonl; images and checkpoints go to a temporary folder).
-  `--pretrain-compile best` (default) passes `--compile true` when this
-  run's bench measured the compiled step of the `torch` backend faster than
-  eager, `false` when slower, and leaves the command's default otherwise.
+- bench: the encoder and the full pre-training step per size, batch, backend
+  and mode (eager, compiled, regional, cudagraphs), bf16 autocast
+  (fcmae.tools.gpu_bench); which rows, in which order, and the time budget:
+  fcmae.tools.gpu_rows (the grid, or the speed preset's rows by value).
+- pretrain: `launch/pretrain.sh` on synthetic JPEGs (base at 224, batch
+  128, 240 steps, the first 40 untimed; GPU decoding on CUDA), through the
+  real loader: steady-state images/s, start-up seconds and the final loss
+  (fcmae.tools.gpu_pretrain). `--pretrain-compile best` (default) runs it
+  in the fastest of the bench's eager, compiled and regional `torch` steps.
 - data: `python -m fcmae.tools.bench_data` on photographs it writes first
   (ImageNet-like 500x375 JPEGs): images/s per process of each loading
   pipeline (JSON key `data`).
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,14 +45,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
-from PIL import Image
 
 from fcmae.runtime.device import configure_device
 from fcmae.runtime.files import write_text_atomic
 from fcmae.tools import bench_encoder as sparse_bench
-from fcmae.tools.gpu_bench import Arch, bench_row
+from fcmae.tools.gpu_bench import MODES
+from fcmae.tools.gpu_pretrain import COMPILE_FLAGS, pretrain_compile, pretrain_estimate_s, run_pretrain
+from fcmae.tools.gpu_rows import FULL_SIZES, Budget, grid_rows, run_rows, speed_rows
 from sparse.depthwise import depthwise_method
 from sparse.encoder import sites_class
 from sparse.sizes import MODEL_SIZES
@@ -60,7 +60,7 @@ from sparse.sizes import MODEL_SIZES
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ("tests", "bench", "pretrain", "data", "dwconv")
 DEFAULT_PARTS = ("tests", "bench", "pretrain")
-FULL_SIZES = {"tiny": 128, "base": 64, "huge": 32}  # batch per size at 224 (the issue's table)
+PRESETS = {"speed": {"parts": ("bench", "pretrain"), "budget_min": 7.0}}
 BENCH_BACKENDS = ("torch", "dense-masked", "timm", "minkowski")
 
 
@@ -69,42 +69,67 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default="output/gpu_check", help="output folder (default: output/gpu_check)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny configurations, few steps (CI, smoke test)")
-    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
-                        help="comma-separated, of: " + ",".join(PARTS) + " (default: " + ",".join(DEFAULT_PARTS) + ")")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="speed: the bench rows by value within a time budget (fcmae.tools.gpu_rows), then "
+                             "the steady-state pre-training run; --sizes, --backends, --what, --modes do not apply")
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="minutes for the whole check: rows that would end later are skipped and recorded "
+                             "(default: 7 with --preset speed, else no limit; 0: no limit)")
+    parser.add_argument("--parts", default=None,
+                        help="comma-separated, of: " + ",".join(PARTS) + " (default: " + ",".join(DEFAULT_PARTS)
+                             + "; with --preset speed: bench,pretrain)")
     parser.add_argument("--sizes", default=",".join(FULL_SIZES),
-                        help="bench sizes (--quick uses one tiny custom config instead)")
+                        help="bench sizes (default tiny,base,huge; --quick puts tiny widths in their place)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="the grid's bench batch of every size (default tiny 128, base 64, huge 32; quick 4 "
+                             "and 8)")
+    parser.add_argument("--img-size", type=int, default=224, help="bench image side (default 224; quick 64)")
     parser.add_argument("--backends", default=None,
                         help="bench backends, of " + ",".join(BENCH_BACKENDS) + " (default: all installed)")
     parser.add_argument("--what", default="encoder,step", help="bench rows: encoder, step or both")
-    parser.add_argument("--modes", default="eager,compiled", help="bench modes: eager, compiled or both")
+    parser.add_argument("--modes", default="eager,compiled", help="bench modes, of " + ",".join(MODES)
+                        + " (default eager,compiled)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per row (default 10; quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default 3; quick 1)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend (default inductor; on CPU aot_eager: inductor's C++ "
                              "build takes minutes on a small CPU)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (default 300; quick 6)")
-    parser.add_argument("--pretrain-compile", default="best", choices=["best", "auto", "true", "false"],
-                        help="the pre-training run's --compile: best = whichever this run's bench measured faster "
-                             "for the torch backend's step (else the command's default, auto)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (default 240; quick 6)")
+    parser.add_argument("--pretrain-warmup-steps", type=int, default=None,
+                        help="pre-training steps before the timed window (default 40; quick 2)")
+    parser.add_argument("--pretrain-batch", type=int, default=None, help="pre-training batch (default 128; quick 8)")
+    parser.add_argument("--pretrain-compile", default="best", choices=["best", *COMPILE_FLAGS],
+                        help="the pre-training run's compilation: best = the fastest of this run's eager, compiled "
+                             "and regional torch steps (else the command's default, auto); true = whole model")
     parser.add_argument("--data-images", type=int, default=None,
                         help="data: photographs written (default 256; quick 8)")
     parser.add_argument("--data-seconds", type=float, default=None,
                         help="data: measuring seconds per pipeline (default 5; quick 0.3)")
     args = parser.parse_args(argv)
-    args.parts = split_choices(parser, "--parts", args.parts, PARTS)
-    args.sizes = split_choices(parser, "--sizes", args.sizes, tuple(FULL_SIZES))
+    preset = PRESETS.get(args.preset, {})
+    args.parts = split_choices(parser, "--parts", args.parts or ",".join(preset.get("parts", DEFAULT_PARTS)), PARTS)
+    args.sizes = split_choices(parser, "--sizes", args.sizes, tuple(MODEL_SIZES))
     args.what = split_choices(parser, "--what", args.what, ("encoder", "step"))
-    args.modes = split_choices(parser, "--modes", args.modes, ("eager", "compiled"))
+    args.modes = split_choices(parser, "--modes", args.modes, MODES)
     if args.backends is not None:
         args.backends = split_choices(parser, "--backends", args.backends, BENCH_BACKENDS)
+    for flag in ("batch", "img_size", "pretrain_steps", "pretrain_batch", "iters"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (use --device cpu for the CPU run)")
     args.iters = args.iters or (2 if args.quick else 10)
     args.warmup = args.warmup or (1 if args.quick else 3)
     args.compile_backend = args.compile_backend or ("inductor" if args.device == "cuda" else "aot_eager")
-    args.pretrain_steps = args.pretrain_steps or (6 if args.quick else 300)
+    args.pretrain_steps = args.pretrain_steps or (6 if args.quick else 240)
+    if args.pretrain_warmup_steps is None:
+        args.pretrain_warmup_steps = 2 if args.quick else 40
+    if not 0 <= args.pretrain_warmup_steps < args.pretrain_steps:
+        parser.error(f"--pretrain-warmup-steps must be in [0, --pretrain-steps), got {args.pretrain_warmup_steps}")
     args.data_images = args.data_images or (8 if args.quick else 256)
     args.data_seconds = args.data_seconds or (0.3 if args.quick else 5.0)
+    budget_min = preset.get("budget_min") if args.budget_min is None else args.budget_min
+    args.budget_s = budget_min * 60 if budget_min else None
     return args
 
 
@@ -122,9 +147,11 @@ class Report:
     def __init__(self, out: Path, device: torch.device, args: argparse.Namespace):
         self.out = out
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-        self.data = {"device": name, "tests": None, "bench": [], "pretrain": None}
-        self.settings = (f"quick={args.quick}, parts={','.join(args.parts)}, iters={args.iters}, "
-                         f"warmup={args.warmup}, compile backend={args.compile_backend}, torch {torch.__version__}")
+        self.data = {"device": name, "preset": args.preset, "budget_s": args.budget_s, "elapsed_s": 0.0,
+                     "tests": None, "bench": [], "skipped": [], "pretrain": None}
+        self.settings = (f"preset={args.preset}, quick={args.quick}, parts={','.join(args.parts)}, "
+                         f"iters={args.iters}, warmup={args.warmup}, compile backend={args.compile_backend}, "
+                         f"budget={fmt(args.budget_s, '.0f')} s, torch {torch.__version__}")
         out.mkdir(parents=True, exist_ok=True)
         self.write()
 
@@ -135,29 +162,38 @@ class Report:
 
     def markdown(self) -> str:
         d = self.data
-        lines = [f"# GPU check: {d['device']}", "", f"Settings: {self.settings}.", ""]
+        lines = [f"# GPU check: {d['device']}", "", f"Settings: {self.settings}; {d['elapsed_s']:.0f} s so far.", ""]
         if d["tests"] is not None:
             t = d["tests"]
             lines += [f"Tests marked cuda: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped.", ""]
         if d["bench"]:
             lines += ["Bench: ms per step (median), images/s, peak allocated MiB, model FLOPs utilisation "
-                      "(visible sites; bf16 peak of the device).", "",
-                      "| size | batch | what | backend | compiled | ms | img/s | peak MiB | MFU |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "(visible sites; bf16 peak of the device); compile s: from the first call to the first "
+                      "timed step.", "",
+                      "| size | batch | what | backend | mode | compile s | ms | img/s | peak MiB | MFU |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in d["bench"]:
                 if "error" in r:
-                    cells = [f"error: {r['error'][:80]}", "", "", ""]
+                    cells = [f"error: {r['error'][:80]}", "", "", "", ""]
                 else:
-                    cells = [fmt(r["ms"], ".1f"), fmt(r["img_s"], ".0f"), fmt(r["peak_mib"], ".0f"),
-                             fmt(r["mfu"], ".1%")]
-                lines.append(f"| {r['size']} | {r['batch']} | {r['what']} | {r['backend']} | "
-                             f"{'yes' if r['compiled'] else 'no'} | " + " | ".join(cells) + " |")
+                    cells = [fmt(r["compile_s"], ".1f"), fmt(r["ms"], ".1f"), fmt(r["img_s"], ".0f"),
+                             fmt(r["peak_mib"], ".0f"), fmt(r["mfu"], ".1%")]
+                lines.append(f"| {r['size']} | {r['batch']} | {r['what']} | {r['backend']} | {r['mode']} | "
+                             + " | ".join(cells) + " |")
             lines.append("")
+        if d["skipped"]:
+            lines += ["Not run:", ""] + [f"- {r['size']} {r['batch']} {r['what']} {r['backend']} {r['mode']}: "
+                                          f"{r['reason']}" for r in d["skipped"]] + [""]
         if d["pretrain"] is not None:
             p = d["pretrain"]
-            lines += [f"Pre-training: {p['steps']} steps, {fmt(p['img_s'], '.0f')} images/s, "
-                      f"final loss {fmt(p['final_loss'], '.4f')}, compile {d.get('pretrain_compile', 'auto')}"
-                      + (f"; {p['error']}" if "error" in p else "") + ".", ""]
+            if "skipped" in p:
+                lines += [f"Pre-training: not run ({p['skipped']}).", ""]
+            else:
+                lines += [f"Pre-training ({p['size']}, batch {p['batch']}, compile {p['compile']}): {p['steps']} "
+                          f"steps, steady state {fmt(p['steady_img_s'], '.0f')} images/s over {p['steady_steps']} "
+                          f"steps ({fmt(p['steady_vs_bench'], '.2f')} of the bench step), start-up "
+                          f"{fmt(p['startup_s'], '.0f')} s, final loss {fmt(p['final_loss'], '.4f')}"
+                          + (f"; {p['error']}" if "error" in p else "") + ".", ""]
         if d.get("data") is not None:
             data = d["data"]
             rates = ", ".join(f"{name} {rate:.0f}" for name, rate in data.get("img_s", {}).items())
@@ -198,12 +234,6 @@ def run_tests(out: Path) -> Dict[str, int]:
     return {"passed": total["tests"] - failed - total["skipped"], "failed": failed, "skipped": total["skipped"]}
 
 
-def bench_archs(args) -> list:
-    if args.quick:
-        return [Arch("quick", "atto", (1, 1, 2, 1), (16, 32, 48, 64), img_size=64, batch=4, decoder_dim=32)]
-    return [Arch(s, s, *MODEL_SIZES[s], img_size=224, batch=FULL_SIZES[s]) for s in args.sizes]
-
-
 def available_backends(requested) -> List[str]:
     names = []
     for name in requested or BENCH_BACKENDS:
@@ -220,86 +250,21 @@ def available_backends(requested) -> List[str]:
     return names
 
 
-def run_bench(args, device: torch.device, report: Report):
-    backends = available_backends(args.backends)
-    for arch in bench_archs(args):
-        for what in args.what:
-            for backend in backends:
-                for mode in args.modes:
-                    row = bench_row(arch, backend, what, mode == "compiled", device, args.warmup, args.iters,
-                                    args.compile_backend)
-                    report.data["bench"].append(row)
-                    report.write()
-                    print("bench:", json.dumps(row), flush=True)
+def run_bench(args, device: torch.device, report: Report, budget: Budget):
+    specs = speed_rows(args) if args.preset == "speed" else grid_rows(args, available_backends(args.backends))
+    run_rows(specs, args, device, report, budget)
 
 
-def write_synthetic_images(folder: Path, count: int, side: int, seed: int = 0):
-    """`count` smooth random colour images (JPEG) in an image folder with one class."""
-
-    folder = folder / "train" / "synthetic"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    for i in range(count):
-        f = rng.uniform(1, 8, size=(3, 2))
-        phase = rng.uniform(0, 6.3, size=3)
-        img = np.stack([np.sin(f[c, 0] * 6.3 * xx + f[c, 1] * 6.3 * yy + phase[c]) for c in range(3)], -1)
-        img = ((img * 0.45 + 0.5) * 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"img_{i:05d}.jpg", quality=90)
-
-
-def pretrain_compile(args, bench: List[Dict]) -> str:
-    """The pre-training run's --compile: as asked, or for `best` what the bench's torch step rows say."""
-    if args.pretrain_compile != "best":
-        return args.pretrain_compile
-    size = "quick" if args.quick else "base"
-    for rows in ([r for r in bench if r["size"] == size], bench):  # the run's size first, else any size
-        ms = {r["compiled"]: r["ms"] for r in rows if r["what"] == "step" and r["backend"] == "torch" and r["ms"]}
-        if len(ms) == 2:
-            return "true" if ms[True] < ms[False] else "false"
-    return "auto"
-
-
-def run_pretrain(args, device: torch.device, out: Path, compile_mode: str) -> Dict:
-    """launch/pretrain.sh on synthetic images; steps, images/s and the final loss from log.jsonl."""
-    steps = args.pretrain_steps
-    if args.quick:
-        batch, epochs = 4, 2
-        model_args = ["atto", "demo", "--depths", "[1,1,1,1]", "--dims", "[8,16,16,16]", "--decoder_dim", "32",
-                      "--input_size", "64", "--num_workers", "0", "--print_every", "1"]
-        side = 72
-    else:
-        batch, epochs = 64, 5
-        model_args = ["base", "800ep", "--input_size", "224", "--num_workers", "8", "--print_every", "10",
-                      "--blr", "1.5e-3"]
-        side = 256
-    epochs = min(epochs, steps)
-    per_epoch = -(-steps // epochs)  # steps rounded up to whole epochs
-    with tempfile.TemporaryDirectory(prefix="gpu_check_pretrain_") as tmp:
-        # Images and checkpoints (a GB for base) stay in a temporary folder; the log is kept in `out`.
-        data, run_dir = Path(tmp) / "images", Path(tmp) / "run"
-        write_synthetic_images(data, per_epoch * batch, side)
-        cmd = ["bash", str(REPO / "launch" / "pretrain.sh"), *model_args, "--data_path", str(data),
-               "--output_dir", str(run_dir), "--resume", "none", "--batch_size", str(batch),
-               "--effective_batch", str(batch), "--epochs", str(epochs), "--warmup_epochs", "1",
-               "--vis_images", "0", "--save_every", "0", "--compile=" + compile_mode,
-               "--compile_backend", args.compile_backend, "--device", device.type]
-        print("pretrain:", " ".join(cmd), flush=True)
-        # One process (the number is per GPU), on this interpreter (the machine may have only `python3`).
-        env = dict(os.environ, NPROC_PER_NODE="1", PYTHON=sys.executable)
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log_text = (run_dir / "log.jsonl").read_text() if (run_dir / "log.jsonl").is_file() else ""
-    print("\n".join(proc.stdout.splitlines()[-15:]), flush=True)
-    (out / "pretrain_log.jsonl").write_text(log_text)
-    records = [json.loads(line) for line in log_text.splitlines() if line.strip()]
-    train = [r for r in records if r.get("type") == "train"]
-    result = {"steps": train[-1]["step"] if train else 0, "img_s": None, "final_loss": None}
-    if train:
-        rates = [r["images_per_s"] for r in train[len(train) // 2:]]  # the second half: past start-up
-        result.update(img_s=round(statistics.median(rates), 1), final_loss=round(train[-1]["loss"], 5))
-    if proc.returncode != 0:
-        result["error"] = f"launch/pretrain.sh exited with {proc.returncode}"
-    return result
+def run_pretrain_part(args, device: torch.device, out: Path, report: Report, budget: Budget) -> Dict:
+    """The pretrain part, unless the budget cannot hold it (then the reason, under `skipped`)."""
+    report.data["pretrain_compile"] = choice = pretrain_compile(args, report.data["bench"])
+    expected = pretrain_estimate_s(args, device, choice, report.data["bench"])
+    if not budget.allows(expected):
+        return {"skipped": f"time budget: about {expected:.0f} s of steps and compilation expected, "
+                           f"{max(budget.left(), 0):.0f} s left"}
+    # A run stopped at the budget (plus 2 minutes of grace) still reports the steps it logged.
+    timeout = None if args.budget_s is None else max(budget.left(), 60.0) + 120.0
+    return run_pretrain(args, device, out, choice, report.data["bench"], timeout)
 
 
 def run_data(args, device: torch.device) -> Dict:
@@ -345,6 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out)
+    budget = Budget(args.budget_s)
     report = Report(out, device, args)
     configure_device(device)  # the training defaults (TF32, cudnn.benchmark on CUDA), as the commands set them
     if device.type == "cpu":
@@ -355,14 +321,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if part == "tests":
             report.data["tests"] = run_tests(out)
         elif part == "bench":
-            run_bench(args, device, report)
+            run_bench(args, device, report, budget)
         elif part == "pretrain":
-            report.data["pretrain_compile"] = compile_mode = pretrain_compile(args, report.data["bench"])
-            report.data["pretrain"] = run_pretrain(args, device, out, compile_mode)
+            report.data["pretrain"] = run_pretrain_part(args, device, out, report, budget)
         elif part == "data":
             report.data["data"] = run_data(args, device)
         else:
             report.data["dwconv"] = run_dwconv(args, device)
+        report.data["elapsed_s"] = round(budget.elapsed(), 1)
         report.write()
         print(f"{part}: done in {time.perf_counter() - begin:.0f} s", flush=True)
     print(report.markdown(), flush=True)

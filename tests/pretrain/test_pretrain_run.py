@@ -14,21 +14,13 @@ from fcmae.pretrain import main as main_pretrain
 from fcmae.runtime import checkpoint as ckpt
 from fcmae.runtime.errors import NonFiniteLossError
 from fcmae.runtime.logs import read_jsonl
-from tests.helpers import build_with_nan_loss, single_process_env, tiny_args, write_images
+from tests.helpers import build_with_nan_loss, epoch_losses, single_process_env, tiny_args, train_losses, write_images
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run(args):
     return main_pretrain.run(main_pretrain.resolve_config(args))
-
-
-def train_losses(out):
-    return [(r["step"], r["loss"]) for r in read_jsonl(Path(out) / "log.jsonl") if r["type"] == "train"]
-
-
-def epoch_losses(out):
-    return [r["loss"] for r in read_jsonl(Path(out) / "log.jsonl") if r["type"] == "epoch"]
 
 
 @pytest.fixture(scope="module")

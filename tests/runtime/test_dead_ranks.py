@@ -196,6 +196,42 @@ def test_loader_workers_end_with_their_training_process():
     assert [int(x) for x in loader] == [signal.SIGKILL, signal.SIGKILL]
 
 
+ERROR_IN_THE_LOOP = """
+import sys
+from types import SimpleNamespace
+from fcmae.runtime.distributed import DistInfo
+from fcmae.runtime.loader import train_loader
+from fcmae.runtime.plan import make_plan
+class BadData:
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        raise ValueError("bad data")  # raised again in the main process, its traceback holding the iterator
+
+
+settings = SimpleNamespace(batch_size=1, effective_batch=1, update_freq=None, blr=1e-3, lr=None, epochs=1,
+                           warmup_epochs=0)
+loader = train_loader(BadData(), make_plan(settings, 1, 8), num_workers=2, seed=0, info=DistInfo())
+try:
+    for batch in loader:
+        pass
+except ValueError as error:
+    kept = error
+    print("error: bad data", flush=True)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_exits_with_its_loader_workers_running_does_not_wait_for_them():
+    """Workers ignore SIGTERM, which is how Python's exit ends daemonic children: the exit used to hang."""
+    done = subprocess.run([sys.executable, "-c", ERROR_IN_THE_LOOP], cwd=REPO, capture_output=True, text=True,
+                          env=single_process_env(PYTHONPATH=str(REPO)), timeout=60)
+    assert done.returncode == 2 and done.stdout.strip() == "error: bad data", done.stderr
+    assert "killed by signal" not in done.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("processes, restarts", [(1, 0), (2, 0), (1, 1)], ids=["python", "torchrun", "restarts"])
 def test_sigkill_of_the_launchers_process_group_leaves_no_process(data, tmp_path, processes, restarts):

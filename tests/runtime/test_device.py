@@ -5,8 +5,10 @@ tests/runtime/test_cuda.py and the GPU check's bench.
 """
 
 import copy
+import os
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +17,18 @@ from fcmae import build_fcmae
 from fcmae.pretrain import main as main_pretrain
 from fcmae.pretrain.optim import build_optimizer, param_groups
 from fcmae.runtime import checkpoint as ckpt
-from fcmae.runtime.device import adamw_fused, configure_device, use_compile
+from fcmae.runtime.device import (
+    CACHE_VARIABLE,
+    adamw_fused,
+    check_compile_mode,
+    compile_cache_dir,
+    compile_model,
+    configure_device,
+    run_process,
+    use_compile,
+)
 from fcmae.runtime.distributed import DistInfo
+from fcmae.runtime.errors import ConfigError
 from fcmae.runtime.logs import read_jsonl
 from fcmae.runtime.plan import LoopSettings
 from fcmae.runtime.trainer import Trainer
@@ -117,18 +129,20 @@ def test_compiled_pretraining_matches_eager_and_saves_plain_names(image_dir, tmp
     without inductor's code generation, which takes minutes on a small CPU.
     """
     runs = {}
-    for mode in ("false", "true"):
+    for mode, flags in {"false": ["--compile", "false"], "true": ["--compile", "true"],
+                        "regional": ["--compile", "true", "--compile_mode", "regional"]}.items():
         out = tmp_path / mode
-        args = pretrain_args(image_dir, out, "--compile", mode, "--compile_backend", "aot_eager")
+        args = pretrain_args(image_dir, out, *flags, "--compile_backend", "aot_eager")
         assert main_pretrain.run(main_pretrain.resolve_config(args)) == 0
         losses = [r["loss"] for r in read_jsonl(out / "log.jsonl") if r["type"] == "train"]
         runs[mode] = losses, ckpt.load_checkpoint(out / "checkpoint-last.pth")["model"]
-    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs["false"], runs["true"]
+    eager_losses, eager_weights = runs.pop("false")
     assert len(eager_losses) == 6 and eager_losses[0] != eager_losses[-1]  # the weights moved
-    assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rel=1e-4)
-    assert list(compiled_weights) == list(eager_weights)  # plain names, no `_orig_mod.` prefix
-    for name, weight in eager_weights.items():
-        assert_close(compiled_weights[name], weight, rel=1e-3)
+    for compiled_losses, compiled_weights in runs.values():
+        assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rel=1e-4)
+        assert list(compiled_weights) == list(eager_weights)  # plain names, no `_orig_mod.` prefix
+        for name, weight in eager_weights.items():
+            assert_close(compiled_weights[name], weight, rel=1e-3)
 
 
 @pytest.mark.parametrize("flags,expected", [([], None), (["--compile"], True), (["--compile", "false"], False),
@@ -136,6 +150,48 @@ def test_compiled_pretraining_matches_eager_and_saves_plain_names(image_dir, tmp
 def test_compile_setting_words(tmp_path, flags, expected):
     cfg = main_pretrain.resolve_config(["atto", "demo", "--demo_data", "--output_dir", str(tmp_path), *flags])
     assert cfg.compile is expected and cfg.compile_backend == "inductor" and cfg.tf32 is True
+
+
+def test_compile_modes_refuse_what_cannot_run():
+    model = build_fcmae("atto", img_size=64, decoder_dim=16, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    with pytest.raises(ConfigError, match="compile_mode cudagraphs captures CUDA graphs and needs a CUDA device, "
+                                          "not cpu; use whole or regional there"):
+        compile_model(model, "inductor", "cudagraphs")
+    with pytest.raises(ConfigError, match="compile_mode 'fast' is not one of: whole, regional, cudagraphs"):
+        compile_model(model, "aot_eager", "fast")
+    with pytest.raises(ConfigError, match="compile_mode regional: Linear has no ConvNeXt blocks to compile"):
+        compile_model(torch.nn.Linear(2, 2), "aot_eager", "regional")
+    with pytest.raises(ConfigError, match="cudagraphs is inductor's reduce-overhead mode; compile_backend must be "
+                                          "inductor, not aot_eager"):
+        check_compile_mode("cudagraphs", torch.device("cuda"), "aot_eager")
+    check_compile_mode("cudagraphs", torch.device("cuda"), "inductor")  # what a GPU run may use
+
+
+def test_cudagraphs_on_cpu_is_a_one_line_error(image_dir, tmp_path, capsys):
+    args = pretrain_args(image_dir, tmp_path / "out", "--compile", "true", "--compile_mode", "cudagraphs")
+    with pytest.raises(SystemExit) as exc:
+        main_pretrain.main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "compile_mode cudagraphs captures CUDA graphs and needs a CUDA device" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("compile_on,backend,preset,expected", [
+    (True, "inductor", None, "out/compile_cache"), (True, "aot_eager", None, None), (False, "inductor", None, None),
+    (None, "inductor", None, None),  # auto: eager on CPU
+    (True, "inductor", "/shared/cache", None)])  # the user's own cache wins
+def test_compile_cache_lives_in_the_output_folder(tmp_path, monkeypatch, compile_on, backend, preset, expected):
+    """A requeued or resumed run (same output folder) finds inductor's compiled graphs; set only while the run runs."""
+    monkeypatch.delenv(CACHE_VARIABLE, raising=False)
+    if preset:
+        monkeypatch.setenv(CACHE_VARIABLE, preset)
+    cfg = SimpleNamespace(compile=compile_on, compile_backend=backend, output_dir=str(tmp_path / "out"), device="cpu",
+                          tf32=True, cpu_threads=None)
+    cache = compile_cache_dir(cfg, torch.device("cpu"))
+    assert cache == (None if expected is None else tmp_path / expected)
+    with run_process(cfg):
+        assert os.environ.get(CACHE_VARIABLE) == (preset or (str(cache) if cache else None))
+    assert os.environ.get(CACHE_VARIABLE) == preset
 
 
 def test_unknown_compile_backend_is_a_one_line_error(image_dir, tmp_path, capsys):
@@ -178,6 +234,6 @@ def test_device_settings_are_harmless_on_resume():
     written before these settings existed)."""
     from fcmae.runtime.resume import HARMLESS, meaningful_changes
 
-    current = {"blr": 1e-3, "compile": True, "compile_backend": "aot_eager", "tf32": False}
+    current = {"blr": 1e-3, "compile": True, "compile_backend": "aot_eager", "compile_mode": "regional", "tf32": False}
     assert meaningful_changes({"blr": 1e-3}, current, HARMLESS)[0] == []
     assert meaningful_changes({"blr": 2e-3}, current, HARMLESS)[0] == ["blr 0.002 -> 0.001"]

@@ -21,10 +21,10 @@ from tests.helpers import TINY_ARGS, tiny_args, write_images
 # command's own (SPEC.harmless). Adding one is a decision about what a resumed run means: change it here too.
 RUNTIME_HARMLESS = {"output_dir", "log_dir", "resume", "dry_run", "world_size", "exit_after_steps", "num_workers",
                     "print_every", "save_every", "keep_checkpoints", "device", "amp", "data_path", "cpu_threads",
-                    "allow_config_change", "compile", "compile_backend", "tf32", "save_minutes", "max_restarts",
-                    "hang_minutes"}
+                    "allow_config_change", "compile", "compile_backend", "compile_mode", "tf32", "save_minutes",
+                    "max_restarts", "hang_minutes"}
 COMMAND_HARMLESS = {
-    "pretrain": {"vis_images", "backend", "max_bad_fraction", "init_std", "init", "decode"},
+    "pretrain": {"vis_images", "backend", "max_bad_fraction", "init_std", "init", "decode", "batch_fit"},
     "finetune": {"finetune", "recipe_source", "head_init_scale", "model_ema_eval", "eval", "max_bad_fraction"},
 }
 COMMANDS = {"pretrain": main_pretrain, "finetune": main_finetune}

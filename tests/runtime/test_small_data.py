@@ -108,6 +108,14 @@ def test_default_output_folders_name_the_data_set(tmp_path, monkeypatch):
     assert pretrain_config(["atto", "demo"]).output_dir == "output/pretrain/atto_demo"
     assert pretrain_config(["atto", "demo", "--data_path", "photos/train"]).output_dir == \
         "output/pretrain/atto_demo_photos"
+
+
+def test_shard_specs_are_named_by_the_folder_holding_the_shards():
+    assert data_set_name("/data/in22k/train-{000000..000099}.tar") == "in22k"
+    assert data_set_name("/data/in22k/train/part-{0..9}.tar") == "in22k"
+    assert data_set_name("pipe:aws s3 cp s3://bucket/imagenet/train-{0000..0099}.tar -") == "imagenet"
+    assert pretrain_config(["atto", "demo", "--data_path", "/data/shards/train-{000000..000003}.tar"]).output_dir \
+        == "output/pretrain/atto_demo_shards"
     assert finetune_config(["atto", "none", "--data_path", "photos"]).output_dir == "output/finetune/atto_photos"
     assert finetune_config(["atto", "none", "--demo"]).output_dir == "output/finetune/atto_demo"
     assert pretrain_config(["atto", "small", "--data_path", "photos", "--output_dir", "x"]).output_dir == "x"

@@ -41,7 +41,7 @@ def test_command_prints_the_report():
                          ("torchvision", torchvision.__version__.split("+")[0]), ("timm", timm.__version__)]:
         assert any(line.startswith(f"{label}:") and value in line for line in out.splitlines()), (label, out)
     for label in ["fcmae", "torch CUDA", "torch cuDNN", "GPUs", "MinkowskiEngine", "DALI", "transformers",
-                  "safetensors", "tifffile"]:
+                  "safetensors", "tifffile", "TorchCodec", "image decoder"]:
         assert any(line.startswith(f"{label}:") for line in out.splitlines()), (label, out)
     assert str(REPO) in out  # which checkout's code ran
 
