@@ -355,8 +355,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("out", type=Path, help="the shard folder: new, empty, or one this command started")
     p.add_argument("--samples_per_shard", type=int, default=None,
                    help=f"samples in each shard (default {DEFAULT_SAMPLES_PER_SHARD}: about 110 MB of ImageNet-size "
-                        "JPEGs, big enough for fast sequential reads, and 1,282 shards for ImageNet-1k's train set, "
-                        "enough to spread over every GPU's loader workers); use --shard_mb for large images")
+                        "JPEGs, big enough for fast sequential reads; 1,282 shards for ImageNet-1k's train set). An "
+                        "epoch reads every sample once when the shard count divides by processes x loader workers "
+                        "(docs/own-data.md); use --shard_mb for large images")
     p.add_argument("--shard_mb", type=float, default=None,
                    help="instead: aim at shards of about this many MB (from the mean size of the files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order, so each shard mixes classes (0)")

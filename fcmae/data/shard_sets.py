@@ -213,6 +213,8 @@ class LabelError(UnreadableImageError):
 
 def check_label(entry: Entry, num_classes: int, label_key: str) -> int:
     """The entry's class index, checked to be one of num_classes (LabelError naming the sample)."""
+    if entry.label is None and entry.label_text is not None:
+        raise LabelError(f"sample {entry.name} has .{label_key} {entry.label_text[:20]!r}, not a class index")
     if entry.label is None:
         raise LabelError(f"sample {entry.name} has no .{label_key} label: labelled shards need one per sample "
                          "(fcmae-make-shards writes them from class folders)")

@@ -13,12 +13,15 @@ How an epoch is read (the rule that the docs state, docs/own-data.md):
    worker b mod W, as torch's DataLoader takes them), so each slot gives a
    known number of samples per epoch. A slot whose shards hold fewer starts
    them again; one whose shards hold more leaves the rest for the epoch.
-   When the shard count is divisible by R x W and the shards hold equal
-   counts, no sample is read twice in an epoch and none is missed (beyond
-   the remainder the plan leaves out); otherwise a note says so.
+   When the shard count is divisible by R x W, the shards hold equal counts
+   and each rank's batches per epoch divide by W, no sample is read twice in
+   an epoch and none is missed (beyond the remainder the plan leaves out);
+   a note says when some are read twice.
 4. An unreadable sample is replaced by the next readable one of its buffer
    (and reported), as a folder replaces an unreadable file, so every slot's
-   position in its stream is the count of samples it gave.
+   position in its stream is the count of samples it gave. A buffer whose
+   samples were all lost with their shard takes its stand-ins from the next
+   buffer that has a readable one.
 
 Exact resume: after B batches of an epoch, slot s has given the samples of
 its batches among the first B, a number the layout alone decides. A resumed
@@ -33,6 +36,7 @@ with its own layout from the same fraction of it, with a note.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -126,11 +130,30 @@ class ShardStream(IterableDataset):
                    f"using {usable} worker(s), each reading whole shards")
         slots = max(usable, 1)
         self.epoch_layout = EpochLayout(rank, ranks, slots, batch_size, samples_per_rank)
-        if shards % (ranks * slots) and rank == 0:
-            logger(f"note: {shards} shards do not divide evenly over {ranks} process(es) x {slots} reader(s): "
-                   "within an epoch some samples are read twice and others not at all; a shard count divisible "
-                   f"by {ranks * slots} makes each epoch read every sample once")
+        note = self.uneven_note()
+        if note and rank == 0:
+            logger(note)
         return usable
+
+    def uneven_note(self) -> Optional[str]:
+        """A note when an epoch reads some samples twice: a reader whose shards hold fewer samples than its batches
+        take starts them again (with counts known, from the first epoch's shard order; else when the shard count
+        does not divide over the readers)."""
+        layout, shards = self._layout(), len(self.spec.urls)
+        readers = layout.ranks * layout.workers
+        rule = (f"every sample is read once per epoch when each reader's shards hold what its batches take: a shard "
+                f"count divisible by {readers} ({layout.ranks} process(es) x {layout.workers} reader(s)), shards of "
+                f"equal size, and each process's batches per epoch ({layout.batches}) divisible by {layout.workers}")
+        if self.spec.counts is None:
+            return None if shards % readers == 0 else f"note: {shards} shards for {readers} readers: {rule}"
+        order = shard_order(shards, self.seed, 0)
+        held = [sum(self.spec.counts[i] for i in order[g::readers]) for g in range(readers)]
+        taken = [layout.slot_samples(g % layout.workers, 0, layout.batches) for g in range(readers)]
+        twice = sum(max(0, t - h) for t, h in zip(taken, held))
+        if twice == 0:
+            return None
+        return (f"note: about {twice} samples are read twice per epoch (and as many others not at all): some "
+                f"readers' shards hold fewer samples than their batches take, so they start them again; {rule}")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Read epoch `epoch` from batch `start_batch` on (set before the epoch's DataLoader iterator starts)."""
@@ -141,14 +164,15 @@ class ShardStream(IterableDataset):
         layout = self._layout()
         read = [[layout.slot_samples(s, 0, batch) for s in range(layout.workers)] for _ in range(layout.ranks)]
         return {"epoch": epoch, "batch": batch, "ranks": layout.ranks, "workers": layout.workers,
-                "buffer": self.buffer, "shards": len(self.spec.urls), "samples_read": read}
+                "batch_size": layout.batch_size, "samples": layout.samples, "buffer": self.buffer,
+                "shards": len(self.spec.urls), "samples_read": read}
 
     def resume_note(self, saved: Optional[Dict[str, Any]]) -> Optional[str]:
         """A note when a checkpoint's stream record was made with another layout (None when it matches)."""
         if not saved:
             return None
         now = self.positions(saved.get("epoch", 0), saved.get("batch", 0))
-        keys = ("ranks", "workers", "buffer", "shards")
+        keys = ("ranks", "workers", "batch_size", "samples", "buffer", "shards")
         if all(saved.get(k) == now[k] for k in keys):
             return None
         was = ", ".join(f"{k} {saved.get(k)}" for k in keys)
@@ -183,7 +207,7 @@ class ShardStream(IterableDataset):
                 if count is not None and position + count <= start:
                     position += count
                     continue
-                for entry in read_shard(url, count, self.label_key):
+                for entry in read_shard(url, count, self.label_key, self.shard_estimate()):
                     if position >= start:
                         buffer_start = buffer_start if buffer else position
                         buffer.append(entry)
@@ -193,8 +217,12 @@ class ShardStream(IterableDataset):
                     position += 1
             if buffer:
                 yield buffer_start, buffer
-            if position == pass_start:
-                raise DataError(f"the shards {', '.join(u for u, _ in shards[:3])} hold no samples")
+            if position == pass_start:  # raised in a loader worker: one line through torch's re-raise
+                raise UnreadableImageError(f"the shards {', '.join(u for u, _ in shards[:3])} hold no samples")
+
+    def shard_estimate(self) -> int:
+        """The samples a shard of unknown length counts for when it is lost (an even share of the data set)."""
+        return max(1, self.num_samples // len(self.spec.urls))
 
     def first_buffer(self, shards: List[Tuple[str, Optional[int]]], done: int) -> int:
         """Where the buffer holding position `done` starts, when the shards' counts say; else 0 (read from the
@@ -208,19 +236,52 @@ class ShardStream(IterableDataset):
     def make_item(self, entry: Entry, index: int):
         raise NotImplementedError
 
-    def _item(self, chunk: List[Entry], at: int, index: int) -> Tuple[Any, tuple]:
-        """The item at `at` of the shuffled chunk: its own sample, or the next readable one of the chunk."""
-        bad = []
-        for attempt in range(min(self.max_retries, len(chunk))):
-            entry = chunk[(at + attempt) % len(chunk)]
-            try:
-                return self.make_item(entry, index), tuple(bad)
-            except UnreadableImageError:  # a sample no other may replace (a label outside the classes): stop
-                raise
-            except UNREADABLE_IMAGE_ERRORS as e:
-                bad.append(entry.bad_record(e))
-        raise UnreadableImageError(f"{len(bad)} unreadable samples in a row from {chunk[at].name}; the shards of "
-                                   f"{self.spec.where} look broken")
+    def _item(self, shuffled: List[Entry], at: int, index: int, spares: List[Entry]) -> Tuple[Any, tuple]:
+        """The item at `at` of a shuffled buffer: its own sample, or the next readable one of the buffer, or when
+        the buffer has none (all lost with their shard) the one at `at` of `spares` (the next buffer that has one).
+
+        Samples lost with their shard are passed over without a try and reported once per shard; `max_retries`
+        counts samples that fail to decode.
+        """
+        bad: Dict[str, tuple] = {}
+        tries = 0
+        for entries in (shuffled, spares):
+            for k in range(len(entries)):
+                entry = entries[(at + k) % len(entries)]
+                if entry.error is not None:
+                    bad.setdefault(entry.name, entry.bad_record(OSError(entry.error)))
+                    continue
+                try:
+                    return self.make_item(entry, index), tuple(bad.values())
+                except UnreadableImageError:  # a sample no other may replace (a label outside the classes): stop
+                    raise
+                except UNREADABLE_IMAGE_ERRORS as e:
+                    bad.setdefault(entry.name, entry.bad_record(e))
+                    tries += 1
+                    if tries >= self.max_retries:
+                        raise UnreadableImageError(f"{tries} unreadable samples in a row from {shuffled[at].name}; "
+                                                   f"the shards of {self.spec.where} look broken") from None
+        raise UnreadableImageError(f"no readable sample near {shuffled[at].name}; the shards of {self.spec.where} "
+                                   "look broken")
+
+    def _shuffled(self, start: int, buffer: List[Entry], global_slot: int) -> List[Entry]:
+        order = np.random.default_rng([self.seed, self.epoch, global_slot, start]).permutation(len(buffer))
+        return [buffer[i] for i in order]
+
+    def _spares(self, buffers: Iterator[Tuple[int, List[Entry]]], ahead: List[Tuple[int, List[Entry]]],
+                global_slot: int) -> List[Entry]:
+        """The next buffer with a readable sample, shuffled: the stand-ins of a buffer whose samples were all lost.
+        Buffers read to find it wait in `ahead` for their own turn."""
+        looked = 0
+        for index in itertools.count():
+            if index == len(ahead):
+                ahead.append(next(buffers))
+            start, buffer = ahead[index]
+            if any(entry.error is None for entry in buffer):
+                return self._shuffled(start, buffer, global_slot)
+            looked += len(buffer)
+            if looked > max(self.num_samples, self.buffer):
+                raise UnreadableImageError(f"no readable sample in a whole pass over shards of {self.spec.where}")
 
     def __iter__(self):
         layout = self._layout()
@@ -233,16 +294,18 @@ class ShardStream(IterableDataset):
         todo = layout.slot_samples(slot, self.start_batch, layout.batches)
         global_slot = layout.global_slot(slot)
         shards = self.slot_shards(global_slot, layout.ranks * layout.workers)
-        for start, buffer in self.buffers(shards, self.first_buffer(shards, done)):
-            order = np.random.default_rng([self.seed, self.epoch, global_slot, start]).permutation(len(buffer))
-            shuffled = [buffer[i] for i in order]
+        buffers = self.buffers(shards, self.first_buffer(shards, done))
+        ahead: List[Tuple[int, List[Entry]]] = []  # buffers read early, as stand-ins
+        while todo > 0:
+            start, buffer = ahead.pop(0) if ahead else next(buffers)
+            shuffled = self._shuffled(start, buffer, global_slot)
+            readable = any(entry.error is None for entry in buffer)
+            spares = shuffled if readable else self._spares(buffers, ahead, global_slot)
             for at in range(max(done - start, 0), len(shuffled)):
                 if todo == 0:
                     return
-                yield self._item(shuffled, at, (global_slot << 32) + start + at)
+                yield self._item(shuffled, at, (global_slot << 32) + start + at, spares)
                 todo -= 1
-            if todo == 0:
-                return
 
     def sample_seed(self, index: int) -> int:
         """The seed of stream sample `index` this epoch (its augmentation's)."""

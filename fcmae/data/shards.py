@@ -146,7 +146,8 @@ def read_counts(urls: Sequence[str]) -> Tuple[Optional[Tuple[int, ...]], Tuple[s
         raise DataError(f"{info_path} is not a readable shard index ({type(e).__name__}: {e}); fix it, or "
                         "remove it and give --train_num_samples") from None
     names = [os.path.basename(u) for u in urls]
-    if not all(name in lengths for name in names):
+    same_folder = all(Path(u).parent == info_path.parent for u in urls)  # an index counts its own folder's shards
+    if not same_folder or not all(name in lengths for name in names):
         return None, classes
     return tuple(lengths[name] for name in names), classes
 
@@ -176,6 +177,7 @@ class Entry:
         error: why the sample cannot be read (None when it can).
         lost: the samples this unreadable entry stands for in reports (the rest of a shard cut short: 1 each
             entry, but reported once under the shard's name).
+        label_text: the label member as stored, kept for the message when it is not a class index.
     """
 
     name: str
@@ -183,6 +185,7 @@ class Entry:
     label: Optional[int] = None
     error: Optional[str] = None
     lost: int = 1
+    label_text: Optional[str] = None  # the label member as stored (when it is not a class index: for the message)
 
     def open(self, layout: str, in_chans: int, dtype: Optional[str] = None) -> ImageFile:
         """The sample's image, opened (OSError for an unreadable entry, as for an unreadable file)."""
@@ -202,13 +205,11 @@ def sample_entry(url: str, sample: Dict[str, bytes], label_key: str) -> Entry:
     if suffix is None:
         members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
         return Entry(f"{url}:{key}", error=f"no image in sample {key} (members: {members})")
-    label = None
+    label, label_text = None, None
     if label_key in sample:
-        try:
-            label = int(sample[label_key].decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            return Entry(f"{url}:{key}.{suffix}", error=f"its .{label_key} is not a class index")
-    return Entry(f"{url}:{key}.{suffix}", sample[suffix], label)
+        label_text = sample[label_key].decode(errors="replace").strip()
+        label = int(label_text) if label_text.lstrip("-").isdigit() else None
+    return Entry(f"{url}:{key}.{suffix}", sample[suffix], label, label_text=label_text)
 
 
 def local_members(path: str) -> Iterator[Dict[str, bytes]]:
@@ -219,11 +220,17 @@ def local_members(path: str) -> Iterator[Dict[str, bytes]]:
         for member in tar:
             if member.isreg() and not member.name.startswith("__"):  # webdataset skips its `__...__` metadata too
                 yield {"fname": member.name, "data": tar.extractfile(member).read()}
+        # tarfile ends quietly at a header cut short or garbled: a whole archive ends in zero blocks
+        tar.fileobj.seek(tar.offset)
+        end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+        if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0") or tar.fileobj.read().strip(b"\0"):
+            raise tarfile.ReadError(f"no end-of-archive marker after the last readable member at byte {tar.offset}")
 
 
-def read_shard(url: str, count: Optional[int] = None, label_key: str = "cls") -> Iterator[Entry]:
+def read_shard(url: str, count: Optional[int] = None, label_key: str = "cls", estimate: int = 1) -> Iterator[Entry]:
     """The samples of one shard, in order, as Entries; with `count`, exactly `count` of them (see the module
-    docstring). A local shard that does not exist is a MissingShardError."""
+    docstring); without, a shard cut short ends with one unreadable entry that counts for `estimate` samples. A
+    local shard that does not exist is a MissingShardError."""
     if is_local(url) and not os.path.exists(url):
         raise MissingShardError(f"shard {url} does not exist (any more): the data set changed under the run; "
                                 "restore it and run the same command again to resume from the last checkpoint")
@@ -250,7 +257,7 @@ def read_shard(url: str, count: Optional[int] = None, label_key: str = "cls") ->
     except SHARD_READ_ERRORS as e:
         why = f"{type(e).__name__}: {str(e).split(' @ ')[0]}"  # webdataset appends the stream object's repr
         if count is None:  # the shard's own length is not known: one unreadable entry stands for what it lost
-            yield Entry(url, error=f"shard cut short after {given} samples ({why})")
+            yield Entry(url, error=f"shard cut short after {given} samples ({why})", lost=estimate)
             return
         reason = f"shard cut short after {given} of {count} samples ({why})"
         for _ in range(count - given):

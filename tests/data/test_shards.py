@@ -1,17 +1,21 @@
 """WebDataset shards: what a data path names, reading shards, the epoch's split over ranks and workers, resume."""
 
+import io
 import json
 import shutil
+import tarfile
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from fcmae.data.folder import BadImageTracker, ImageFolderDataset, collate_images
 from fcmae.data.image_io import DataError
-from fcmae.data.shard_sets import ShardEvalSet, ShardImages
+from fcmae.data.shard_sets import LabelError, ShardEvalSet, ShardImages
 from fcmae.data.shard_stream import EpochLayout, ShardStream
 from fcmae.data.shards import MissingShardError, find_shards, read_shard
 from tests.helpers import write_shards
@@ -168,7 +172,7 @@ def test_uneven_shards_are_noted_and_slots_that_run_out_start_again(shard_dir):
     notes = []
     stream = NameStream(spec, 30, seed=0, buffer=4)
     used = stream.split_epochs(3, 30, 0, 1, 2, logger=notes.append)
-    assert used == 2 and any("do not divide evenly over 1 process(es) x 2 reader(s)" in n for n in notes)
+    assert used == 2 and any("about 3 samples are read twice per epoch" in n for n in notes)  # 12 held, 15 taken
     stream.set_epoch(0)
     batches = [list(k) for k, _ in DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate_images)]
     assert len(batches) == 10 and all(len(b) == 3 for b in batches)
@@ -264,3 +268,56 @@ def test_an_evaluation_split_gives_every_sample_once_even_with_fewer_shards_than
         assert part, f"rank {rank} of {ranks} got no sample"
         seen += part
     assert sorted(seen) == [int(k) for k in keys]
+
+
+def test_batches_that_do_not_deal_evenly_are_noted_even_with_even_shards(shard_dir):
+    spec = find_shards(shard_dir[0])  # 8 shards of 6
+    notes = []
+    NameStream(spec, 48).split_epochs(5, 48 - 48 % 5, 0, 1, 2, logger=notes.append)  # 9 batches of 5 for 2 workers
+    assert any("read twice" in n and "divisible by 2" in n for n in notes)
+    notes.clear()
+    NameStream(spec, 48).split_epochs(3, 48, 0, 1, 2, logger=notes.append)  # 16 batches of 3: 24 per reader
+    assert notes == []
+    unknown = find_shards(f"pipe:cat {shard_dir[0]}/train-{{000000..000004}}.tar")  # 5 shards, no counts
+    NameStream(unknown, 30).split_epochs(3, 30, 0, 1, 2, logger=notes.append)
+    assert any("5 shards for 2 readers" in n for n in notes)
+
+
+def test_a_shard_lost_whole_is_replaced_from_the_next_buffer_and_resume_stays_exact(shard_dir, tmp_path):
+    folder, keys = shard_dir
+    shutil.copytree(folder, tmp_path / "s")
+    (tmp_path / "s" / "train-000003.tar").write_bytes(b"")  # empty: its 6 samples are lost
+    spec = find_shards(tmp_path / "s")
+    stream = NameStream(spec, 48, seed=0, buffer=6)  # a buffer is one shard: one buffer holds nothing readable
+    stream.split_epochs(4, 48, 0, 1, 0)
+    stream.set_epoch(0)
+    items = list(stream)
+    assert len(items) == 48 and all(isinstance(k, str) for k, _ in items)
+    bad = [b for _, reported in items for b in reported]
+    tracker = BadImageTracker(48, 0.2, logger=lambda m: None)
+    tracker.update(bad)
+    assert tracker.lost == 6 and list(tracker.seen) == [str(tmp_path / "s" / "train-000003.tar")]
+    whole = read_epoch(NameStream(spec, 48, seed=0, buffer=6), 0, 1, 2, 4, 48)
+    for start in (1, 5, 9):
+        assert read_epoch(NameStream(spec, 48, seed=0, buffer=6), 0, 1, 2, 4, 48, start_batch=start) == whole[start:]
+
+
+def test_a_shard_cut_inside_a_header_is_reported_not_read_as_shorter(shard_dir, tmp_path):
+    data = (shard_dir[0] / "train-000000.tar").read_bytes()
+    members = list(read_shard(str(shard_dir[0] / "train-000000.tar")))
+    with tarfile.open(shard_dir[0] / "train-000000.tar") as tar:
+        header = tar.getmembers()[4].offset  # where the 5th member's header begins
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:header + 100])  # tarfile alone reads this as a shorter, whole archive
+    entries = list(read_shard(str(cut), None, estimate=6))
+    assert entries[-1].error is not None and "cut short" in entries[-1].error and entries[-1].lost == 6
+    assert len(entries) < len(members) + 1
+
+
+def test_a_label_that_is_not_a_class_index_stops_with_its_name(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    with wds.TarWriter(str(tmp_path / "val-000000.tar")) as writer:
+        writer.write({"__key__": "000000000", "png": buffer.getvalue(), "cls": b"cat"})
+    with pytest.raises(LabelError, match=r"val-000000.tar:000000000.png has .cls 'cat', not a class index"):
+        ShardEvalSet(find_shards(tmp_path / "val-000000.tar"), 3)

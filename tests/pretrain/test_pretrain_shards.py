@@ -43,8 +43,8 @@ def reference_run(shards, tmp_path_factory):
 def test_a_brace_spec_trains_and_every_checkpoint_records_the_stream(reference_run):
     assert [s for s, _ in train_losses(reference_run)] == list(range(1, 13))  # 24 samples / batch 4, 2 epochs
     state = ckpt.load_checkpoint(reference_run / "checkpoint-0001.pth")
-    assert state["stream"] == {"epoch": 1, "batch": 0, "ranks": 1, "workers": 2, "buffer": 4, "shards": 4,
-                               "samples_read": [[0, 0]]}
+    assert state["stream"] == {"epoch": 1, "batch": 0, "ranks": 1, "workers": 2, "batch_size": 4, "samples": 24,
+                               "buffer": 4, "shards": 4, "samples_read": [[0, 0]]}
     assert (reference_run / "reconstruction.png").is_file()
 
 

@@ -662,11 +662,11 @@ def two_rank_reference(data, tmp_path_factory):
 @pytest.mark.slow
 def test_a_rank_killed_after_a_timed_checkpoint_is_restarted_and_the_run_ends_as_an_uninterrupted_one(
         data, tmp_path, two_rank_reference):
-    """`NPROC_PER_NODE=2 launch/pretrain.sh ... --save_minutes 0.005 --max_restarts 2` (a timed checkpoint every
-    0.3 s, an epoch takes about 0.5 s), rank 1 SIGKILLed after its first timed checkpoint: the run ends by itself
-    with exit 0 and the uninterrupted run's losses."""
+    """`NPROC_PER_NODE=2 launch/pretrain.sh ... --save_minutes 0.0015 --max_restarts 2` (a timed checkpoint every
+    0.09 s; an epoch of 4 steps takes 0.2-0.5 s, so timed checkpoints fall mid-epoch), rank 1 SIGKILLed after its
+    first timed checkpoint: the run ends by itself with exit 0 and the uninterrupted run's losses."""
     out = tmp_path / "out"
-    proc = start_launcher(tiny_args(data, out, "--save_minutes", "0.005", "--max_restarts", "2", epochs=12,
+    proc = start_launcher(tiny_args(data, out, "--save_minutes", "0.0015", "--max_restarts", "2", epochs=12,
                                     num_workers=1), tmp_path, processes=2)
     try:
         deadline = time.monotonic() + 120
