@@ -358,8 +358,9 @@ def train(cfg: FinetuneConfig, info: distributed.DistInfo) -> int:
             + epoch_line_timing(trainer.epoch_timing))
 
     loader = train_loader(train_set, plan, cfg.num_workers, cfg.seed, info, collate_fn=collate_images)
-    if stream is not None and stream.resume_note(saved_stream):
-        log(stream.resume_note(saved_stream))
+    note = stream.resume_note(saved_stream) if stream is not None else None
+    if note:
+        log(note)
     val_count = split_size(val_set)
     log(f"training: {len(train_set)} images in {num_classes} classes, {plan.iters_per_epoch} iterations/epoch, "
         f"validation on {'all' if val_count is None else val_count} images, output in {out}"

@@ -236,7 +236,8 @@ class ShardStream(IterableDataset):
     def make_item(self, entry: Entry, index: int):
         raise NotImplementedError
 
-    def _item(self, shuffled: List[Entry], at: int, index: int, spares: List[Entry]) -> Tuple[Any, tuple]:
+    def _item(self, shuffled: List[Entry], at: int, index: int,
+              spares: Optional[List[Entry]] = None) -> Tuple[Any, tuple]:
         """The item at `at` of a shuffled buffer: its own sample, or the next readable one of the buffer, or when
         the buffer has none (all lost with their shard) the one at `at` of `spares` (the next buffer that has one).
 
@@ -245,7 +246,7 @@ class ShardStream(IterableDataset):
         """
         bad: Dict[str, tuple] = {}
         tries = 0
-        for entries in (shuffled, spares):
+        for entries in (shuffled,) if spares is None else (shuffled, spares):
             for k in range(len(entries)):
                 entry = entries[(at + k) % len(entries)]
                 if entry.error is not None:
@@ -300,7 +301,7 @@ class ShardStream(IterableDataset):
             start, buffer = ahead.pop(0) if ahead else next(buffers)
             shuffled = self._shuffled(start, buffer, global_slot)
             readable = any(entry.error is None for entry in buffer)
-            spares = shuffled if readable else self._spares(buffers, ahead, global_slot)
+            spares = None if readable else self._spares(buffers, ahead, global_slot)
             for at in range(max(done - start, 0), len(shuffled)):
                 if todo == 0:
                     return

@@ -285,8 +285,9 @@ def train(cfg: PretrainConfig, info: distributed.DistInfo) -> int:
         log(precision_note(device, cfg.amp))
 
     loader = train_loader(dataset, plan, cfg.num_workers, cfg.seed, info, collate_fn=collate_images)
-    if stream is not None and stream.resume_note(saved_stream):
-        log(stream.resume_note(saved_stream))
+    note = stream.resume_note(saved_stream) if stream is not None else None
+    if note:
+        log(note)
     log(f"training: {len(dataset)} images, {plan.iters_per_epoch} iterations/epoch, output in {out}"
         + (f"; torch.compile ({cfg.compile_backend}): the first steps compile" if compile_fn else ""))
     try:
